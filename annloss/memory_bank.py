@@ -1,0 +1,154 @@
+"""A fixed-capacity ring buffer of past embeddings, coordinates, entity ids and steps."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MemoryBank"]
+
+#: Entity id stored for entries added without an id; such entries never match an anchor's id.
+NO_ID = -1
+
+
+class MemoryBank(nn.Module):
+    """Ring buffer of detached embeddings with their coordinates, ids and insertion step.
+
+    Entries are written at a pointer that wraps around, so once the bank is full each new entry
+    overwrites the oldest one. A batch that crosses the end of the buffer wraps to its start; a
+    batch longer than the capacity keeps its last ``capacity`` rows. All state lives in
+    persistent buffers, so ``state_dict()`` and ``load_state_dict()`` restore the bank exactly and
+    ``.to(device)`` moves it.
+
+    Before the first wrap the filled slots are the prefix ``[0, len(bank))``; after it, all
+    ``capacity`` slots are filled.
+
+    Args:
+        capacity: number of slots ``M``.
+        embedding_dim: embedding width ``D``.
+        dtype: storage dtype of the embeddings. Default: float32. float16 halves the memory
+            (``2 * D`` bytes per entry instead of ``4 * D``).
+        coordinate_dim: columns per coordinate row. Default: 2.
+
+    Buffers:
+        - ``embeddings``: ``(M, D)`` in ``dtype``.
+        - ``coordinates``: ``(M, 2)`` float64, in the order of the caller's coordinates.
+        - ``ids``: ``(M,)`` int64 entity ids, ``-1`` for entries added without an id.
+        - ``steps``: ``(M,)`` int64, the step at which each entry was written.
+        - ``pointer`` and ``size``: scalar int64 tensors, the next write slot and the fill count.
+    """
+
+    embeddings: Tensor
+    coordinates: Tensor
+    ids: Tensor
+    steps: Tensor
+    pointer: Tensor
+    size: Tensor
+
+    def __init__(
+        self,
+        capacity: int,
+        embedding_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        coordinate_dim: int = 2,
+    ) -> None:
+        super().__init__()
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be an integer >= 1, got {embedding_dim!r}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+
+        self.capacity = capacity
+        self.embedding_dim = embedding_dim
+        self.register_buffer("embeddings", torch.zeros(capacity, embedding_dim, dtype=dtype))
+        self.register_buffer(
+            "coordinates", torch.zeros(capacity, coordinate_dim, dtype=torch.float64)
+        )
+        self.register_buffer("ids", torch.full((capacity,), NO_ID, dtype=torch.int64))
+        self.register_buffer("steps", torch.zeros(capacity, dtype=torch.int64))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("size", torch.zeros((), dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return int(self.size)
+
+    @property
+    def is_full(self) -> bool:
+        """Whether every slot holds an entry."""
+        return int(self.size) == self.capacity
+
+    @torch.no_grad()
+    def add(
+        self,
+        embeddings: Tensor,
+        coordinates: Tensor,
+        ids: Tensor | None = None,
+        step: int = 0,
+    ) -> Tensor:
+        """Write a batch at the pointer, wrapping around the end of the buffer.
+
+        Args:
+            embeddings: ``(B, D)``; detached and cast to the bank dtype.
+            coordinates: ``(B, 2)``; stored as float64.
+            ids: optional ``(B,)`` integer entity ids. Default: ``-1`` for every row.
+            step: the training step recorded with each entry.
+
+        Returns:
+            The ``(min(B, M),)`` slots written, in the order of the kept rows.
+        """
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"embeddings must have shape (B, {self.embedding_dim}) to enter this bank, "
+                f"got {tuple(embeddings.shape)}"
+            )
+        batch_size = embeddings.shape[0]
+        if coordinates.shape != (batch_size, self.coordinates.shape[1]):
+            raise ValueError(
+                f"coordinates must have shape ({batch_size}, {self.coordinates.shape[1]}), "
+                f"got {tuple(coordinates.shape)}"
+            )
+        if ids is not None and ids.shape != (batch_size,):
+            raise ValueError(f"ids must have shape ({batch_size},), got {tuple(ids.shape)}")
+        if embeddings.device != self.embeddings.device:
+            raise ValueError(
+                f"embeddings are on {embeddings.device} but the bank is on "
+                f"{self.embeddings.device}; move the module with .to(embeddings.device)"
+            )
+        if batch_size == 0:
+            return torch.empty(0, dtype=torch.int64, device=self.embeddings.device)
+
+        # Rows that a later row of the same batch would overwrite are skipped up front.
+        kept = min(batch_size, self.capacity)
+        first_slot = int(self.pointer) + batch_size - kept
+        slots = (first_slot + torch.arange(kept, device=self.embeddings.device)) % self.capacity
+
+        self.embeddings[slots] = embeddings[-kept:].detach().to(self.embeddings.dtype)
+        self.coordinates[slots] = coordinates[-kept:].detach().to(torch.float64)
+        if ids is None:
+            self.ids[slots] = NO_ID
+        else:
+            self.ids[slots] = ids[-kept:].to(torch.int64)
+        self.steps[slots] = int(step)
+
+        self.pointer.fill_((int(self.pointer) + batch_size) % self.capacity)
+        self.size.fill_(min(self.capacity, int(self.size) + batch_size))
+        return slots
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty the bank without freeing its storage."""
+        self.embeddings.zero_()
+        self.coordinates.zero_()
+        self.ids.fill_(NO_ID)
+        self.steps.zero_()
+        self.pointer.zero_()
+        self.size.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"capacity={self.capacity}, embedding_dim={self.embedding_dim}, "
+            f"dtype={self.embeddings.dtype}, size={int(self.size)}"
+        )

@@ -1,0 +1,349 @@
+"""Spatial contrastive loss with positives and hard negatives mined from a memory bank."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from annloss._checks import check_ids, check_positive, check_same_device
+from annloss.coordinates import paired_distance, pairwise_distance
+from annloss.functional import (
+    cosine_to_euclidean,
+    info_nce_from_masks,
+    triplet_margin_from_masks,
+)
+from annloss.index import INDEX_BACKENDS, search_inner_product
+from annloss.losses import _SpatialPairLoss
+from annloss.memory_bank import NO_ID, MemoryBank
+
+__all__ = ["MemoryBankSpatialLoss"]
+
+logger = logging.getLogger(__name__)
+
+# Bank columns whose spatial distances to the batch are computed at once when mining positives;
+# bounds the temporary (B, chunk) float64 matrix.
+_POSITIVE_CHUNK = 65_536
+
+
+def _check_count(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class MemoryBankSpatialLoss(_SpatialPairLoss):
+    r"""Spatial contrastive loss whose positives and hard negatives also come from a memory bank.
+
+    Each call scores every batch row (anchor) against three sets of references:
+
+    1. the other rows of the batch, split by spatial distance exactly as in
+       :class:`~annloss.SpatialContrastiveLoss` (positives below ``distance_threshold``,
+       negatives from ``negative_threshold``);
+    2. bank positives: up to ``max_positives`` bank entries within ``distance_threshold`` of the
+       anchor, the spatially nearest first, found by exact distance computation;
+    3. bank hard negatives: the ``num_negatives`` bank entries most similar to the anchor (cosine)
+       among those at least ``negative_threshold`` away, found by exact inner-product search
+       (FAISS on the CPU). Candidates inside the negative radius are false negatives and are
+       dropped; the search widens until ``num_negatives`` remain or the bank is exhausted.
+
+    A bank entry with the anchor's own id is never used, so an entity is not paired with its own
+    stale copy. Bank entries are constants: the gradient flows only through the batch. The loss
+    is then the in-batch formula over the union of references: for ``loss="infonce"``,
+
+    .. math::
+        \ell(a, p) = -\log \frac{e^{s_{ap}/\tau}}{e^{s_{ap}/\tau} + \sum_{n \in N(a)} e^{s_{an}/\tau}}
+
+    averaged over positive pairs; for ``loss="triplet"``,
+    :math:`\max(0, d_{ap} - d_{an} + m)` averaged over triplets with a positive loss.
+
+    Order of operations (the MoCo order): the batch is scored against the bank as it was before
+    the call, then, in training mode only, the batch enters the bank as L2-normalised, detached
+    embeddings. While the bank holds fewer than ``min_bank_size`` entries nothing is mined and
+    the result equals the in-batch loss exactly.
+
+    Args:
+        embedding_dim: width ``D`` of the embeddings (for GeoLM-style ``[geo, nl]`` vectors, the
+            sum of both widths).
+        distance_threshold: positive radius, km for ``metric="haversine"``, coordinate units for
+            ``metric="euclidean"``.
+        negative_threshold: radius from which pairs are negatives, same unit, ``>=
+            distance_threshold``. Default: ``distance_threshold`` (no ignore band).
+        memory_size: bank capacity ``M`` in entries. Default: 65,536.
+        num_negatives: hard negatives mined per anchor ``K``. Default: 64.
+        max_positives: bank positives kept per anchor ``P``. Default: 64.
+        loss: ``"infonce"`` or ``"triplet"``. Default: ``"infonce"``.
+        temperature: InfoNCE temperature :math:`\tau > 0`. Default: 0.1.
+        margin: triplet margin :math:`m \ge 0` in unit-embedding distance. Default: 1.0.
+        metric: ``"haversine"`` or ``"euclidean"``. Default: ``"haversine"``.
+        coordinate_order: ``"lonlat"`` or ``"latlon"``. Default: ``"lonlat"``.
+        min_bank_size: bank entries needed before mining starts. Default: ``num_negatives``.
+        bank_dtype: storage dtype of bank embeddings. Default: float32.
+        index: search backend for hard negatives, ``"auto"``, ``"flat"`` (FAISS, CPU) or
+            ``"torch"``. Default: ``"auto"``.
+
+    Shape:
+        - embeddings: ``(B, D)``; float16 and bfloat16 are scored in float32.
+        - coordinates: ``(B, 2)``, degrees in ``coordinate_order`` or projected units.
+        - ids: optional ``(B,)`` non-negative integer entity ids.
+        - output: scalar.
+
+    After each call ``stats`` holds ``num_positive_pairs``, ``num_batch_positive_pairs``,
+    ``num_bank_positive_pairs``, ``num_negative_pairs``, ``num_bank_negative_pairs``,
+    ``num_filtered_negatives`` (mined candidates dropped for lying inside the negative radius),
+    ``bank_size``, ``used_bank`` and ``mining_time_s``.
+
+    Example:
+        >>> import torch
+        >>> criterion = MemoryBankSpatialLoss(embedding_dim=8, distance_threshold=100.0,
+        ...                                   memory_size=1024, num_negatives=4)
+        >>> lonlat = torch.tensor([[2.35, 48.86], [2.29, 48.80], [-0.13, 51.51], [13.40, 52.52]])
+        >>> for step in range(3):
+        ...     loss = criterion(torch.randn(4, 8, requires_grad=True), lonlat)
+        >>> criterion.stats["bank_size"]
+        8
+    """
+
+    step: Tensor
+
+    def __init__(
+        self,
+        *,
+        embedding_dim: int,
+        distance_threshold: float,
+        negative_threshold: float | None = None,
+        memory_size: int = 65_536,
+        num_negatives: int = 64,
+        max_positives: int = 64,
+        loss: str = "infonce",
+        temperature: float = 0.1,
+        margin: float = 1.0,
+        metric: str = "haversine",
+        coordinate_order: str = "lonlat",
+        min_bank_size: int | None = None,
+        bank_dtype: torch.dtype = torch.float32,
+        index: str = "auto",
+    ) -> None:
+        super().__init__(
+            distance_threshold=distance_threshold,
+            negative_threshold=negative_threshold,
+            metric=metric,
+            coordinate_order=coordinate_order,
+        )
+        if loss not in ("infonce", "triplet"):
+            raise ValueError(f"loss must be 'infonce' or 'triplet', got {loss!r}")
+        if index not in INDEX_BACKENDS:
+            raise ValueError(f"index must be one of {INDEX_BACKENDS}, got {index!r}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+            raise ValueError(f"margin must be a number >= 0, got {margin!r}")
+        self.loss = loss
+        self.temperature = check_positive("temperature", temperature)
+        self.margin = float(margin)
+        self.num_negatives = _check_count("num_negatives", num_negatives, 1)
+        self.max_positives = _check_count("max_positives", max_positives, 0)
+        self.min_bank_size = _check_count(
+            "min_bank_size", num_negatives if min_bank_size is None else min_bank_size, 1
+        )
+        self.index = index
+        self.bank = MemoryBank(
+            _check_count("memory_size", memory_size, 1),
+            _check_count("embedding_dim", embedding_dim, 1),
+            dtype=bank_dtype,
+        )
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.stats: dict[str, float] = {}
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.bank.embedding_dim
+
+    def forward(self, embeddings: Tensor, coordinates: Tensor, ids: Tensor | None = None) -> Tensor:
+        unit, batch_positive, batch_negative = self.batch_pairs(embeddings, coordinates)
+        if unit.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"embeddings have width {unit.shape[1]} but this loss was built with "
+                f"embedding_dim={self.embedding_dim}; pass the width of the concatenated "
+                "embedding to the constructor"
+            )
+        check_same_device(unit, self.bank.embeddings, "the memory bank buffers")
+        ids = check_ids(ids, unit.shape[0], unit.device)
+        coordinates = coordinates.to(device=unit.device, dtype=torch.float64)
+
+        bank_size = len(self.bank)
+        used_bank = bank_size >= self.min_bank_size and unit.shape[0] > 0
+        started = time.perf_counter()
+        if used_bank:
+            positive_slots = self._mine_positives(coordinates, ids, bank_size)
+            negative_slots, num_filtered = self._mine_negatives(
+                unit.detach(), coordinates, ids, bank_size
+            )
+        else:
+            positive_slots = torch.full((unit.shape[0], 0), -1, device=unit.device)
+            negative_slots = positive_slots
+            num_filtered = 0
+        mining_time_s = time.perf_counter() - started
+
+        similarity, positive_mask, negative_mask = self._assemble(
+            unit, batch_positive, batch_negative, positive_slots, negative_slots
+        )
+        if self.loss == "infonce":
+            loss, _ = info_nce_from_masks(similarity, positive_mask, negative_mask, self.temperature)
+        else:
+            distance = cosine_to_euclidean(similarity)
+            loss, _, _ = triplet_margin_from_masks(
+                distance, positive_mask, negative_mask, self.margin
+            )
+
+        num_batch_positive = int(batch_positive.sum())
+        num_batch_negative = int(batch_negative.sum())
+        self.stats = {
+            "num_positive_pairs": int(positive_mask.sum()),
+            "num_batch_positive_pairs": num_batch_positive,
+            "num_bank_positive_pairs": int(positive_mask.sum()) - num_batch_positive,
+            "num_negative_pairs": int(negative_mask.sum()),
+            "num_bank_negative_pairs": int(negative_mask.sum()) - num_batch_negative,
+            "num_filtered_negatives": num_filtered,
+            "bank_size": bank_size,
+            "used_bank": used_bank,
+            "mining_time_s": mining_time_s,
+        }
+
+        if self.training:
+            self.bank.add(unit.detach(), coordinates, ids, step=int(self.step))
+            self.step += 1
+        return loss
+
+    def _assemble(
+        self,
+        unit: Tensor,
+        batch_positive: Tensor,
+        batch_negative: Tensor,
+        positive_slots: Tensor,
+        negative_slots: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Concatenate batch and bank references into ``(B, B + P + K)`` matrices."""
+        similarity = unit @ unit.T
+        if positive_slots.shape[1] + negative_slots.shape[1] == 0:
+            return similarity, batch_positive, batch_negative
+
+        slots = torch.cat([positive_slots, negative_slots], dim=1)
+        references = self.bank.embeddings[slots.clamp_min(0)].to(unit.dtype)
+        bank_similarity = torch.einsum("bd,bkd->bk", unit, references)
+
+        filled = slots >= 0
+        num_positive_columns = positive_slots.shape[1]
+        bank_positive = filled.clone()
+        bank_positive[:, num_positive_columns:] = False
+        bank_negative = filled.clone()
+        bank_negative[:, :num_positive_columns] = False
+        return (
+            torch.cat([similarity, bank_similarity], dim=1),
+            torch.cat([batch_positive, bank_positive], dim=1),
+            torch.cat([batch_negative, bank_negative], dim=1),
+        )
+
+    def _same_id(self, ids: Tensor | None, slots: Tensor) -> Tensor:
+        """``(B, C)`` mask of bank slots holding the anchor's own entity."""
+        if ids is None:
+            return torch.zeros(slots.shape, dtype=torch.bool, device=slots.device)
+        bank_ids = self.bank.ids[slots]
+        return (bank_ids == ids[:, None]) & (bank_ids != NO_ID)
+
+    @torch.no_grad()
+    def _mine_positives(self, coordinates: Tensor, ids: Tensor | None, bank_size: int) -> Tensor:
+        """Return ``(B, P)`` bank slots within the positive radius, nearest first, ``-1`` padded."""
+        batch_size = coordinates.shape[0]
+        device = coordinates.device
+        keep = self.max_positives
+        best_distance = torch.empty(batch_size, 0, dtype=torch.float64, device=device)
+        best_slots = torch.empty(batch_size, 0, dtype=torch.int64, device=device)
+        if keep == 0:
+            return best_slots
+
+        for start in range(0, bank_size, _POSITIVE_CHUNK):
+            stop = min(bank_size, start + _POSITIVE_CHUNK)
+            slots = torch.arange(start, stop, device=device).expand(batch_size, -1)
+            distance = pairwise_distance(
+                coordinates,
+                self.bank.coordinates[start:stop],
+                metric=self.metric,
+                coordinate_order=self.coordinate_order,
+            )
+            rejected = (distance >= self.distance_threshold) | self._same_id(ids, slots)
+            distance = distance.masked_fill(rejected, float("inf"))
+
+            distance = torch.cat([best_distance, distance], dim=1)
+            slots = torch.cat([best_slots, slots], dim=1)
+            best_distance, order = torch.topk(
+                distance, min(keep, distance.shape[1]), dim=1, largest=False
+            )
+            best_slots = torch.gather(slots, 1, order)
+
+        return best_slots.masked_fill(~torch.isfinite(best_distance), -1)
+
+    @torch.no_grad()
+    def _mine_negatives(
+        self, unit: Tensor, coordinates: Tensor, ids: Tensor | None, bank_size: int
+    ) -> tuple[Tensor, int]:
+        """Return ``(B, K)`` hard-negative slots, most similar first, ``-1`` padded.
+
+        Candidates come from an exact inner-product search over the filled slots; those inside
+        the negative radius or with the anchor's id are dropped. Rows left with fewer than
+        ``K`` survivors are searched again with four times as many candidates, until the
+        whole bank has been examined.
+
+        Returns:
+            ``(slots, num_filtered)``, where ``num_filtered`` counts candidates dropped for lying
+            inside the negative radius, among those ranked above each anchor's last kept one.
+        """
+        batch_size = unit.shape[0]
+        k = self.num_negatives
+        result = torch.full((batch_size, k), -1, dtype=torch.int64, device=unit.device)
+        database = self.bank.embeddings[:bank_size]
+        rows = torch.arange(batch_size, device=unit.device)
+        fetch = min(bank_size, 2 * k)
+        num_filtered = 0
+
+        while rows.numel() > 0:
+            _, slots = search_inner_product(unit[rows], database, fetch, backend=self.index)
+            slots = slots.to(unit.device)
+            distance = paired_distance(
+                coordinates[rows][:, None, :],
+                self.bank.coordinates[slots],
+                metric=self.metric,
+                coordinate_order=self.coordinate_order,
+            )
+            too_close = distance < self.negative_threshold
+            accepted = ~too_close & (slots >= 0)
+            accepted &= ~self._same_id(None if ids is None else ids[rows], slots)
+
+            rank = torch.cumsum(accepted.to(torch.int64), dim=1)
+            taken = accepted & (rank <= k)
+            count = taken.sum(dim=1)
+            done = (count == k) | (fetch >= bank_size)
+
+            # Candidates examined per row: up to the last taken one, or all when too few remain.
+            examined = torch.where(count == k, (rank < k).sum(dim=1) + 1, slots.shape[1])
+            position = torch.arange(slots.shape[1], device=unit.device)
+            counted = too_close & (position[None, :] < examined[:, None]) & done[:, None]
+            num_filtered += int(counted.sum())
+
+            keep_rows = taken & done[:, None]
+            row_index = rows[:, None].expand_as(slots)[keep_rows]
+            result[row_index, (rank - 1)[keep_rows]] = slots[keep_rows]
+
+            rows = rows[~done]
+            fetch = min(bank_size, fetch * 4)
+
+        return result, num_filtered
+
+    def extra_repr(self) -> str:
+        return (
+            f"loss={self.loss!r}, temperature={self.temperature}, margin={self.margin}, "
+            f"num_negatives={self.num_negatives}, max_positives={self.max_positives}, "
+            f"min_bank_size={self.min_bank_size}, index={self.index!r}, "
+            + super().extra_repr()
+        )
