@@ -57,13 +57,14 @@ class _SpatialPairLoss(nn.Module):
             diagonal is in neither mask.
         """
         embeddings = check_embeddings(embeddings)
+        if isinstance(coordinates, Tensor):
+            check_same_device(embeddings, coordinates, "coordinates")
         coordinates = validate_coordinates(
             coordinates,
             metric=self.metric,
             coordinate_order=self.coordinate_order,
             batch_size=embeddings.shape[0],
         )
-        check_same_device(embeddings, coordinates, "coordinates")
 
         spatial_distance = pairwise_distance(
             coordinates, coordinates, metric=self.metric, coordinate_order=self.coordinate_order
