@@ -16,12 +16,12 @@ __all__ = [
     "EARTH_RADIUS_KM",
     "CoordinateOrder",
     "Metric",
-    "validate_coordinates",
-    "to_latlon",
     "haversine_km",
-    "pairwise_haversine_km",
     "paired_distance",
     "pairwise_distance",
+    "pairwise_haversine_km",
+    "to_latlon",
+    "validate_coordinates",
 ]
 
 #: Mean Earth radius in km (IUGG mean radius R1), used by every great-circle distance here.

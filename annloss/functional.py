@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "spatial_pair_masks",
-    "info_nce_from_masks",
-    "triplet_margin_from_masks",
     "cosine_to_euclidean",
+    "info_nce_from_masks",
+    "spatial_pair_masks",
+    "triplet_margin_from_masks",
     "zero_loss",
 ]
 

@@ -6,7 +6,6 @@ import logging
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from annloss._checks import check_ids, check_positive, check_same_device
@@ -211,6 +210,14 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             "mining_time_s": mining_time_s,
         }
 
+        logger.debug(
+            "step %d: %d bank positives, %d bank negatives, %d filtered, mining %.1f ms",
+            int(self.step),
+            self.stats["num_bank_positive_pairs"],
+            self.stats["num_bank_negative_pairs"],
+            num_filtered,
+            1000 * mining_time_s,
+        )
         if self.training:
             self.bank.add(unit.detach(), coordinates, ids, step=int(self.step))
             self.step += 1

@@ -14,16 +14,16 @@ DIM = 8
 
 
 def make_criterion(**overrides) -> MemoryBankSpatialLoss:
-    options = dict(
-        embedding_dim=DIM,
-        distance_threshold=RADIUS_KM,
-        negative_threshold=BAND_KM,
-        memory_size=40,
-        num_negatives=5,
-        max_positives=64,
-        temperature=0.2,
-        bank_dtype=torch.float64,
-    )
+    options = {
+        "embedding_dim": DIM,
+        "distance_threshold": RADIUS_KM,
+        "negative_threshold": BAND_KM,
+        "memory_size": 40,
+        "num_negatives": 5,
+        "max_positives": 64,
+        "temperature": 0.2,
+        "bank_dtype": torch.float64,
+    }
     options.update(overrides)
     return MemoryBankSpatialLoss(**options)
 
