@@ -7,6 +7,7 @@ or ``"latlon"``. Internally everything is converted once to ``(lat, lon)`` degre
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "pairwise_distance",
     "pairwise_haversine_km",
     "to_latlon",
+    "unit_vectors",
     "validate_coordinates",
 ]
 
@@ -192,6 +194,27 @@ def pairwise_haversine_km(
     return haversine_km(
         coordinates1[:, None, :], coordinates2[None, :, :], coordinate_order=coordinate_order
     )
+
+
+def unit_vectors(coordinates: Tensor, *, coordinate_order: str = "lonlat") -> Tensor:
+    """Map degree coordinates to points on the unit sphere, in float64.
+
+    The dot product of two such vectors is the cosine of their central angle, so ranking by dot
+    product ranks by great-circle distance and costs one matrix product instead of the
+    trigonometry of a haversine per pair.
+
+    Shape:
+        - coordinates: ``(..., 2)`` degrees in ``coordinate_order``.
+        - output: ``(..., 3)``.
+    """
+    latlon = torch.deg2rad(to_latlon(coordinates.to(torch.float64), coordinate_order))
+    lat, lon = latlon[..., 0], latlon[..., 1]
+    return torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], dim=-1)
+
+
+def radius_to_cosine(radius_km: float) -> float:
+    """Cosine of the central angle that spans ``radius_km`` of great-circle distance."""
+    return math.cos(min(math.pi, radius_km / EARTH_RADIUS_KM))
 
 
 def paired_distance(

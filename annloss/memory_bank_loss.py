@@ -9,7 +9,12 @@ import torch
 from torch import Tensor
 
 from annloss._checks import check_ids, check_positive, check_same_device
-from annloss.coordinates import paired_distance, pairwise_distance
+from annloss.coordinates import (
+    paired_distance,
+    pairwise_distance,
+    radius_to_cosine,
+    unit_vectors,
+)
 from annloss.functional import (
     cosine_to_euclidean,
     info_nce_from_masks,
@@ -252,44 +257,72 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             torch.cat([batch_negative, bank_negative], dim=1),
         )
 
-    def _same_id(self, ids: Tensor | None, slots: Tensor) -> Tensor:
-        """``(B, C)`` mask of bank slots holding the anchor's own entity."""
+    @staticmethod
+    def _same_id(ids: Tensor | None, bank_ids: Tensor) -> Tensor | None:
+        """Mask of bank entries holding the anchor's own entity, or ``None`` without ids.
+
+        ``bank_ids`` is ``(B, C)`` per-anchor candidates or ``(C,)`` shared by all anchors.
+        """
         if ids is None:
-            return torch.zeros(slots.shape, dtype=torch.bool, device=slots.device)
-        bank_ids = self.bank.ids[slots]
+            return None
+        if bank_ids.ndim == 1:
+            bank_ids = bank_ids[None, :]
         return (bank_ids == ids[:, None]) & (bank_ids != NO_ID)
 
     @torch.no_grad()
     def _mine_positives(self, coordinates: Tensor, ids: Tensor | None, bank_size: int) -> Tensor:
-        """Return ``(B, P)`` bank slots within the positive radius, nearest first, ``-1`` padded."""
+        """Return ``(B, P)`` bank slots within the positive radius, nearest first, ``-1`` padded.
+
+        For the haversine metric, candidates are ranked by the dot product of unit-sphere
+        vectors, which orders them by great-circle distance at the cost of one matrix product;
+        the exact haversine distance then decides membership at the radius.
+        """
         batch_size = coordinates.shape[0]
         device = coordinates.device
         keep = self.max_positives
-        best_distance = torch.empty(batch_size, 0, dtype=torch.float64, device=device)
+        best_score = torch.empty(batch_size, 0, dtype=torch.float64, device=device)
         best_slots = torch.empty(batch_size, 0, dtype=torch.int64, device=device)
         if keep == 0:
             return best_slots
 
+        haversine = self.metric == "haversine"
+        if haversine:
+            anchor_vectors = unit_vectors(coordinates, coordinate_order=self.coordinate_order)
+            # Looser by 1e-12 than the radius so that rounding in the dot product cannot drop a
+            # true positive; the exact check below removes the extra ones.
+            min_score = radius_to_cosine(self.distance_threshold) - 1e-12
+
         for start in range(0, bank_size, _POSITIVE_CHUNK):
             stop = min(bank_size, start + _POSITIVE_CHUNK)
+            bank_coordinates = self.bank.coordinates[start:stop]
+            if haversine:
+                bank_vectors = unit_vectors(
+                    bank_coordinates, coordinate_order=self.coordinate_order
+                )
+                score = anchor_vectors @ bank_vectors.T
+                rejected = score < min_score
+            else:
+                score = -pairwise_distance(coordinates, bank_coordinates, metric="euclidean")
+                rejected = -score >= self.distance_threshold
+            same_id = self._same_id(ids, self.bank.ids[start:stop])
+            if same_id is not None:
+                rejected |= same_id
+            score = score.masked_fill(rejected, float("-inf"))
             slots = torch.arange(start, stop, device=device).expand(batch_size, -1)
-            distance = pairwise_distance(
-                coordinates,
-                self.bank.coordinates[start:stop],
-                metric=self.metric,
-                coordinate_order=self.coordinate_order,
-            )
-            rejected = (distance >= self.distance_threshold) | self._same_id(ids, slots)
-            distance = distance.masked_fill(rejected, float("inf"))
 
-            distance = torch.cat([best_distance, distance], dim=1)
+            score = torch.cat([best_score, score], dim=1)
             slots = torch.cat([best_slots, slots], dim=1)
-            best_distance, order = torch.topk(
-                distance, min(keep, distance.shape[1]), dim=1, largest=False
-            )
+            best_score, order = torch.topk(score, min(keep, score.shape[1]), dim=1)
             best_slots = torch.gather(slots, 1, order)
 
-        return best_slots.masked_fill(~torch.isfinite(best_distance), -1)
+        distance = paired_distance(
+            coordinates[:, None, :],
+            self.bank.coordinates[best_slots],
+            metric=self.metric,
+            coordinate_order=self.coordinate_order,
+        )
+        inside = torch.isfinite(best_score) & (distance < self.distance_threshold)
+        return best_slots.masked_fill(~inside, -1)
 
     @torch.no_grad()
     def _mine_negatives(
@@ -325,7 +358,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             )
             too_close = distance < self.negative_threshold
             accepted = ~too_close & (slots >= 0)
-            accepted &= ~self._same_id(None if ids is None else ids[rows], slots)
+            same_id = self._same_id(None if ids is None else ids[rows], self.bank.ids[slots])
+            if same_id is not None:
+                accepted &= ~same_id
 
             rank = torch.cumsum(accepted.to(torch.int64), dim=1)
             taken = accepted & (rank <= k)

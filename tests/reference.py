@@ -70,8 +70,12 @@ def triplet(anchors, references, positives, negatives, margin, reduction="nonzer
     return float(np.mean(active)) if active else 0.0
 
 
-def in_batch_pairs(lonlat, positive_radius, negative_radius):
-    """Per-anchor positive and negative batch indices by great-circle distance."""
+def euclidean(xy1, xy2) -> float:
+    return math.dist([float(v) for v in xy1], [float(v) for v in xy2])
+
+
+def in_batch_pairs(lonlat, positive_radius, negative_radius, distance_fn=haversine_km):
+    """Per-anchor positive and negative batch indices by ``distance_fn`` (great-circle km)."""
     size = len(lonlat)
     positives = [[] for _ in range(size)]
     negatives = [[] for _ in range(size)]
@@ -79,7 +83,7 @@ def in_batch_pairs(lonlat, positive_radius, negative_radius):
         for j in range(size):
             if a == j:
                 continue
-            distance = haversine_km(lonlat[a], lonlat[j])
+            distance = distance_fn(lonlat[a], lonlat[j])
             if distance < positive_radius:
                 positives[a].append(j)
             elif distance >= negative_radius:
@@ -98,6 +102,7 @@ def mined_pairs(
     negative_radius,
     max_positives,
     num_negatives,
+    distance_fn=haversine_km,
 ):
     """Brute-force version of the memory-bank mining.
 
@@ -108,14 +113,16 @@ def mined_pairs(
     """
     batch_embeddings = np.asarray(batch_embeddings, dtype=np.float64)
     bank_embeddings = np.asarray(bank_embeddings, dtype=np.float64)
-    positives, negatives = in_batch_pairs(batch_lonlat, positive_radius, negative_radius)
+    positives, negatives = in_batch_pairs(
+        batch_lonlat, positive_radius, negative_radius, distance_fn
+    )
     batch_size = len(batch_lonlat)
     for a in range(batch_size):
         bank_positive, bank_negative = [], []
         for slot in range(len(bank_lonlat)):
             if batch_ids is not None and bank_ids[slot] != -1 and bank_ids[slot] == batch_ids[a]:
                 continue
-            distance = haversine_km(batch_lonlat[a], bank_lonlat[slot])
+            distance = distance_fn(batch_lonlat[a], bank_lonlat[slot])
             if distance < positive_radius:
                 bank_positive.append((distance, slot))
             if distance >= negative_radius:

