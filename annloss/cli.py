@@ -12,8 +12,6 @@ from annloss.demo.config import DemoConfig, InvalidConfigError
 
 __all__ = ["main"]
 
-logger = logging.getLogger("annloss.cli")
-
 
 def _positive_int(text: str) -> int:
     try:

@@ -254,6 +254,13 @@ def test_cli_rejects_bad_device(capsys):
     assert "no-such-device" in capsys.readouterr().err
 
 
+def test_cli_rejects_num_eval_beyond_table(tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    assert main(["demo", "--quiet", "--num-eval", "300000", "--output-dir", str(output_dir)]) == 2
+    assert "num_eval=300000" in capsys.readouterr().err
+    assert not output_dir.exists()
+
+
 def test_config_rejects_num_eval_of_one():
     with pytest.raises(InvalidConfigError, match="num_eval"):
         DemoConfig(num_eval=1)

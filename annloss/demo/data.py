@@ -169,8 +169,9 @@ def find_neighbours(
     tree = BallTree(_latlon_radians(coordinates), metric="haversine", leaf_size=5)
     distances, indices = tree.query(_latlon_radians(coordinates[query_indices]), k=k + 1)
 
-    # Drop the query place itself. It is usually first, but places sharing its coordinates can
-    # come before it or push it out of the k + 1 results; then the farthest result is dropped.
+    # Drop the query place itself. It is usually the first result, but places at the same
+    # coordinates can precede it or push it out of the k + 1 results. In that last case the
+    # farthest result is dropped instead.
     is_self = indices == query_indices[:, None]
     drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
     keep = np.ones_like(is_self)

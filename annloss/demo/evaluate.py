@@ -1,6 +1,6 @@
 """Metrics of how well embedding distance follows great-circle distance on held-out places.
 
-Embeddings are compared by cosine similarity after L2 normalisation; great-circle distances are
+Embeddings are compared by cosine similarity after L2 normalisation. Great-circle distances are
 exact float64 haversine km from :mod:`annloss.coordinates`.
 """
 
@@ -65,8 +65,8 @@ def embed_places(
 
 
 def _top_k_excluding_self(scores: torch.Tensor, start: int, k: int, largest: bool) -> torch.Tensor:
-    # scores: (rows, n) block whose row i is place start + i; that place is never its own
-    # neighbour, even if another place has the same score.
+    # scores is a (rows, n) block whose row i belongs to place start + i. Masking that entry
+    # keeps a place out of its own neighbours even when another place has the same score.
     rows = torch.arange(scores.shape[0])
     scores[rows, rows + start] = -torch.inf if largest else torch.inf
     return torch.topk(scores, k, dim=1, largest=largest).indices
@@ -90,8 +90,8 @@ def geographic_neighbours(coordinates: np.ndarray, k: int) -> np.ndarray:
 def embedding_neighbours(embeddings: np.ndarray, k: int) -> np.ndarray:
     """Return the (n, k) indices of each row's k most cosine-similar other rows.
 
-    Similarities are computed in float64 so near-ties among close places rank as exactly as the
-    haversine distances they are compared with.
+    Similarities are computed in float64 because in float32 the cosine of two directions about
+    1 km apart on the Earth (1 - 1.2e-8) rounds to 1, which would turn near neighbours into ties.
     """
     _check_k(len(embeddings), k)
     unit = torch.nn.functional.normalize(torch.as_tensor(embeddings, dtype=torch.float64), dim=1)

@@ -9,6 +9,10 @@ from typing import Any
 
 import numpy as np
 
+# The object-oriented Figure API needs no pyplot backend, so plotting works without a display
+# and leaves the caller's matplotlib state alone.
+from matplotlib.figure import Figure
+
 __all__ = ["format_table", "write_json", "plot_results"]
 
 logger = logging.getLogger(__name__)
@@ -60,10 +64,6 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     """Save a PNG with training curves (loss, held-out recall, positives per step) and bar
     charts of the three metrics for every row of ``results``.
     """
-    # The object-oriented Figure API needs no pyplot backend, so this works without a display
-    # and leaves the caller's matplotlib state alone.
-    from matplotlib.figure import Figure
-
     rows = results["rows"]
     training = results["training"]
     figure = Figure(figsize=(15, 8.5), layout="constrained")

@@ -53,7 +53,8 @@ class TrainingHistory:
     recall: list[float] = field(default_factory=list)
     #: Seconds of forward, loss, backward and optimiser steps, without the recall checks.
     train_time_s: float = 0.0
-    #: Sum of all parameters before the first step; equal across methods when the seeds match.
+    #: Sum of all parameters before the first step. It is equal across methods when the seeds
+    #: match.
     initial_parameter_sum: float = 0.0
 
 
@@ -90,7 +91,7 @@ def build_criterion(method: str, config: DemoConfig, embedding_dim: int) -> nn.M
 
 
 def _batch_rows(num_rows: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    # Epochs of shuffled rows; a batch never straddles two epochs, so no place repeats in it.
+    # Batches never straddle two epochs of shuffled rows, so no place repeats within a batch.
     if batch_size > num_rows:
         raise ValueError(f"batch_size={batch_size} exceeds the {num_rows} training places")
     while True:
