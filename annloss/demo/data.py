@@ -24,16 +24,16 @@ from annloss.coordinates import EARTH_RADIUS_KM
 from annloss.demo.tokenizer import HashingTokenizer
 
 __all__ = [
-    "PlaceTable",
     "Batch",
     "DemoData",
-    "load_places",
-    "split_places",
+    "PlaceTable",
     "find_neighbours",
-    "neighbour_offsets_km",
     "format_geo_sentence",
     "format_nl_text",
+    "load_places",
+    "neighbour_offsets_km",
     "prepare_data",
+    "split_places",
 ]
 
 logger = logging.getLogger(__name__)

@@ -15,16 +15,16 @@ from annloss.demo.data import DemoData
 from annloss.demo.model import DualEncoder
 
 __all__ = [
-    "RECALL_K",
     "METRIC_NAMES",
-    "embed_places",
-    "geographic_neighbours",
-    "embedding_neighbours",
-    "neighbour_recall_at_k",
-    "nearest_neighbour_distances_km",
-    "sample_pairs",
-    "distance_spearman",
+    "RECALL_K",
     "HeldOutEvaluator",
+    "distance_spearman",
+    "embed_places",
+    "embedding_neighbours",
+    "geographic_neighbours",
+    "nearest_neighbour_distances_km",
+    "neighbour_recall_at_k",
+    "sample_pairs",
 ]
 
 #: Neighbours compared by the recall metric.

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from annloss.demo.data import Batch
 from annloss.demo.tokenizer import PADDING_ID
 
-__all__ = ["OffsetEncoder", "GeoEncoder", "TextEncoder", "DualEncoder"]
+__all__ = ["DualEncoder", "GeoEncoder", "OffsetEncoder", "TextEncoder"]
 
 #: Length scales, in km, at which neighbour offsets are resolved: a street, a town, a region, a
 #: country.

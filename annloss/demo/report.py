@@ -13,7 +13,7 @@ import numpy as np
 # and leaves the caller's matplotlib state alone.
 from matplotlib.figure import Figure
 
-__all__ = ["format_table", "write_json", "plot_results"]
+__all__ = ["format_table", "plot_results", "write_json"]
 
 logger = logging.getLogger(__name__)
 

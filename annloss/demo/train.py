@@ -22,9 +22,9 @@ __all__ = [
     "METHODS",
     "METHOD_LABELS",
     "TrainingHistory",
-    "seed_everything",
-    "build_model",
     "build_criterion",
+    "build_model",
+    "seed_everything",
     "train_model",
 ]
 
