@@ -310,8 +310,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             score = score.masked_fill(rejected, float("-inf"))
             slots = torch.arange(start, stop, device=device).expand(batch_size, -1)
 
-            score = torch.cat([best_score, score], dim=1)
-            slots = torch.cat([best_slots, slots], dim=1)
+            if best_score.shape[1] > 0:
+                score = torch.cat([best_score, score], dim=1)
+                slots = torch.cat([best_slots, slots], dim=1)
             best_score, order = torch.topk(score, min(keep, score.shape[1]), dim=1)
             best_slots = torch.gather(slots, 1, order)
 
