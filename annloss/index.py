@@ -1,83 +1,241 @@
-"""Exact maximum-inner-product search over memory-bank embeddings."""
+"""Maximum-inner-product indexes over memory-bank embeddings, behind one interface.
+
+Every backend indexes a snapshot of the bank's filled slots, taken by :meth:`EmbeddingIndex.build`;
+row ``i`` of the snapshot is bank slot ``i``. Searches return bank slots, ``-1`` where fewer than
+``k`` rows were found. The memory-bank loss decides when to rebuild (see ``refresh_every``).
+"""
 
 from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
 
 import faiss
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["INDEX_BACKENDS", "search_inner_product"]
+__all__ = [
+    "INDEX_BACKENDS",
+    "EmbeddingIndex",
+    "FlatIndex",
+    "HNSWIndex",
+    "IVFIndex",
+    "TorchIndex",
+    "make_index",
+]
 
-#: Backends accepted by ``index=``: FAISS's exact flat inner-product search (the search that
-#: ``faiss.IndexFlatIP`` runs), exact chunked torch matmul + topk, and ``"auto"``, which picks
-#: ``"flat"`` for CPU tensors and ``"torch"`` otherwise.
-INDEX_BACKENDS = ("auto", "flat", "torch")
+#: Names accepted by ``index=``.
+INDEX_BACKENDS = ("auto", "flat", "ivf", "hnsw", "torch")
 
-# Rows of the (queries x database) score matrix computed at once by the torch backend; bounds
-# its temporary memory to _TORCH_QUERY_CHUNK * M floats.
+# Rows of the (queries x bank) score matrix computed at once by the torch backend; bounds its
+# temporary memory to _TORCH_QUERY_CHUNK * M floats.
 _TORCH_QUERY_CHUNK = 256
 
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in INDEX_BACKENDS:
-        raise ValueError(f"index must be one of {INDEX_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "flat" if device.type == "cpu" else "torch"
-    if backend == "flat" and device.type != "cpu":
-        raise ValueError(
-            f"index='flat' runs FAISS on the CPU but the bank is on {device}; use index='torch' "
-            "or index='auto' for accelerator tensors"
-        )
-    return backend
+# With index="auto" on the CPU, banks with at least this many entries use IVF instead of the
+# exact flat search.
+# NOTE: a provisional value; it has not yet been set by a benchmark on this project's machines.
+AUTO_IVF_MIN_SIZE = 262_144
 
 
 def _as_float32_numpy(tensor: Tensor) -> np.ndarray:
     # FAISS takes C-contiguous float32; a contiguous float32 CPU tensor is shared without a copy.
-    return np.ascontiguousarray(tensor.detach().to(torch.float32).numpy())
+    return np.ascontiguousarray(tensor.detach().to(torch.float32).cpu().numpy())
 
 
-def search_inner_product(
-    queries: Tensor, database: Tensor, k: int, *, backend: str = "auto"
-) -> tuple[Tensor, Tensor]:
-    """Return the ``k`` database rows with the largest inner product for each query.
+class EmbeddingIndex(ABC):
+    """Inner-product search over a snapshot of bank embeddings.
+
+    Attributes:
+        exact: whether searches return exactly the top ``k`` inner products.
+        num_rows: rows in the current snapshot, 0 before the first build.
+    """
+
+    exact: bool = False
+
+    def __init__(self) -> None:
+        self.num_rows = 0
+
+    @abstractmethod
+    def build(self, embeddings: Tensor) -> None:
+        """Index ``embeddings`` of shape ``(M, D)``, replacing any earlier snapshot."""
+
+    @abstractmethod
+    def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Return ``(scores, rows)`` of shape ``(Q, k)`` for ``1 <= k <= num_rows``."""
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Return the ``k`` rows with the largest inner product for each query.
+
+        Args:
+            queries: ``(Q, D)``.
+            k: candidates per query, ``>= 1``; clipped to the snapshot size.
+
+        Returns:
+            ``(scores, rows)``: float32 ``(Q, k')`` inner products in descending order and int64
+            ``(Q, k')`` rows, ``-1`` where an approximate index found fewer candidates, with
+            ``k' = min(k, num_rows)``. Both are on the queries' device.
+        """
+        if self.num_rows == 0:
+            raise RuntimeError("the index is empty; call build() with the bank embeddings first")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        scores, rows = self._search(queries, min(k, self.num_rows))
+        return scores.to(queries.device), rows.to(device=queries.device, dtype=torch.int64)
+
+
+class TorchIndex(EmbeddingIndex):
+    """Exact search by chunked matrix product and ``torch.topk``, on any device.
+
+    It keeps a reference to the snapshot tensor instead of a copy, so callers must not modify
+    the snapshot in place before the next build; the bank passes a fresh copy or an unchanged view.
+    """
+
+    exact = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._embeddings: Tensor | None = None
+
+    def build(self, embeddings: Tensor) -> None:
+        self._embeddings = embeddings.detach()
+        self.num_rows = embeddings.shape[0]
+
+    def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        assert self._embeddings is not None
+        database = self._embeddings.to(torch.float32)
+        score_chunks, row_chunks = [], []
+        for start in range(0, queries.shape[0], _TORCH_QUERY_CHUNK):
+            block = queries[start : start + _TORCH_QUERY_CHUNK].to(database) @ database.T
+            scores, rows = torch.topk(block, k, dim=1)
+            score_chunks.append(scores)
+            row_chunks.append(rows)
+        if not score_chunks:
+            empty = torch.empty(0, k, device=queries.device)
+            return empty, empty.to(torch.int64)
+        return torch.cat(score_chunks), torch.cat(row_chunks)
+
+
+class _FaissIndex(EmbeddingIndex):
+    """Shared search of the FAISS backends on CPU float32 arrays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._index: Any = None
+
+    def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        scores, rows = self._index.search(_as_float32_numpy(queries), k)
+        return torch.from_numpy(scores), torch.from_numpy(rows)
+
+
+class FlatIndex(_FaissIndex):
+    """Exact search with ``faiss.IndexFlatIP`` on the CPU."""
+
+    exact = True
+
+    def build(self, embeddings: Tensor) -> None:
+        index = faiss.IndexFlatIP(embeddings.shape[1])
+        index.add(_as_float32_numpy(embeddings))
+        self._index = index
+        self.num_rows = embeddings.shape[0]
+
+
+class IVFIndex(_FaissIndex):
+    """Approximate search with ``faiss.IndexIVFFlat`` (inverted lists over k-means cells).
+
+    Each build retrains the coarse quantizer on the snapshot, so the cells follow the drift of
+    the embeddings.
 
     Args:
-        queries: ``(Q, D)``.
-        database: ``(M, D)`` on the same device.
-        k: candidates per query, ``1 <= k <= M``.
-        backend: ``"flat"`` (FAISS, CPU), ``"torch"`` or ``"auto"``.
-
-    Returns:
-        ``(scores, rows)``: float32 ``(Q, k)`` inner products in descending order and int64
-        ``(Q, k)`` database row indices, on the queries' device.
+        nlist: number of k-means cells. Default: ``4 * sqrt(M)``, at most ``M / 39`` so that
+            k-means has about 39 training points per cell (the minimum FAISS asks for). FAISS
+            trains on at most 256 points per cell, sampled from the snapshot.
+        nprobe: cells visited per query. Default: 32. Higher is slower and more exact.
     """
-    if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
+
+    def __init__(self, nlist: int | None = None, nprobe: int = 32) -> None:
+        super().__init__()
+        if nlist is not None and nlist < 1:
+            raise ValueError(f"nlist must be >= 1, got {nlist}")
+        if nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        self.nlist = nlist
+        self.nprobe = nprobe
+
+    def build(self, embeddings: Tensor) -> None:
+        size, dim = embeddings.shape
+        nlist = self.nlist or int(4 * math.sqrt(size))
+        nlist = max(1, min(nlist, size // 39))
+
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        data = _as_float32_numpy(embeddings)
+        index.train(data)
+        index.add(data)
+        index.nprobe = min(self.nprobe, nlist)
+        # The IVF index keeps only a raw pointer to its quantizer; this reference keeps it alive.
+        self._quantizer = quantizer
+        self._index = index
+        self.num_rows = size
+
+
+class HNSWIndex(_FaissIndex):
+    """Approximate search with ``faiss.IndexHNSWFlat``, a navigable small-world graph.
+
+    Args:
+        neighbours: graph degree (FAISS's ``M``). Default: 32.
+        ef_construction: candidate list size while building. Default: 64.
+        ef_search: candidate list size while searching, raised to ``k`` when smaller.
+            Default: 128.
+    """
+
+    def __init__(self, neighbours: int = 32, ef_construction: int = 64, ef_search: int = 128):
+        super().__init__()
+        if neighbours < 2:
+            raise ValueError(f"neighbours must be >= 2, got {neighbours}")
+        self.neighbours = neighbours
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+
+    def build(self, embeddings: Tensor) -> None:
+        index = faiss.IndexHNSWFlat(embeddings.shape[1], self.neighbours, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = self.ef_construction
+        index.add(_as_float32_numpy(embeddings))
+        self._index = index
+        self.num_rows = embeddings.shape[0]
+
+    def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        self._index.hnsw.efSearch = max(self.ef_search, k)
+        return super()._search(queries, k)
+
+
+def make_index(backend: str, device: torch.device, bank_size: int, **options: Any) -> EmbeddingIndex:
+    """Return a new index of ``backend`` for a bank on ``device`` with ``bank_size`` entries.
+
+    ``"auto"`` picks ``"torch"`` for accelerator tensors (the CPU FAISS backends would copy the
+    bank to the host every build), ``"flat"`` for CPU banks below ``AUTO_IVF_MIN_SIZE`` entries
+    and ``"ivf"`` above. ``options`` go to the backend's constructor.
+
+    Raises:
+        ValueError: for an unknown backend, or a FAISS CPU backend with a bank on an accelerator.
+    """
+    if backend not in INDEX_BACKENDS:
+        raise ValueError(f"index must be one of {INDEX_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cpu":
+            backend = "torch"
+        else:
+            backend = "ivf" if bank_size >= AUTO_IVF_MIN_SIZE else "flat"
+    if backend in ("flat", "ivf", "hnsw") and device.type != "cpu":
         raise ValueError(
-            f"queries (Q, D) and database (M, D) must share D, got {tuple(queries.shape)} "
-            f"and {tuple(database.shape)}"
+            f"index={backend!r} runs FAISS on the CPU but the bank is on {device}; use "
+            "index='torch' or index='auto' for accelerator tensors"
         )
-    if not 1 <= k <= database.shape[0]:
-        raise ValueError(f"k must be in [1, {database.shape[0]}] for this database, got {k}")
-    backend = _resolve_backend(backend, database.device)
-
-    if backend == "flat":
-        scores, rows = faiss.knn(
-            _as_float32_numpy(queries),
-            _as_float32_numpy(database),
-            k,
-            metric=faiss.METRIC_INNER_PRODUCT,
-        )
-        return torch.from_numpy(scores), torch.from_numpy(rows).to(torch.int64)
-
-    score_chunks, row_chunks = [], []
-    database = database.to(torch.float32)
-    for start in range(0, queries.shape[0], _TORCH_QUERY_CHUNK):
-        block = queries[start : start + _TORCH_QUERY_CHUNK].to(torch.float32) @ database.T
-        scores, rows = torch.topk(block, k, dim=1)
-        score_chunks.append(scores)
-        row_chunks.append(rows)
-    if not score_chunks:
-        empty = torch.empty(0, k, device=queries.device)
-        return empty, empty.to(torch.int64)
-    return torch.cat(score_chunks), torch.cat(row_chunks)
+    classes: dict[str, type[EmbeddingIndex]] = {
+        "flat": FlatIndex,
+        "ivf": IVFIndex,
+        "hnsw": HNSWIndex,
+        "torch": TorchIndex,
+    }
+    return classes[backend](**options)

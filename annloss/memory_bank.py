@@ -36,6 +36,8 @@ class MemoryBank(nn.Module):
         - ``ids``: ``(M,)`` int64 entity ids, ``-1`` for entries added without an id.
         - ``steps``: ``(M,)`` int64, the step at which each entry was written.
         - ``pointer`` and ``size``: scalar int64 tensors, the next write slot and the fill count.
+        - ``num_added``: scalar int64, rows written since construction (or the last reset),
+          counting rows of an oversized batch that were skipped.
     """
 
     embeddings: Tensor
@@ -44,6 +46,7 @@ class MemoryBank(nn.Module):
     steps: Tensor
     pointer: Tensor
     size: Tensor
+    num_added: Tensor
 
     def __init__(
         self,
@@ -71,6 +74,7 @@ class MemoryBank(nn.Module):
         self.register_buffer("steps", torch.zeros(capacity, dtype=torch.int64))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.int64))
         self.register_buffer("size", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("num_added", torch.zeros((), dtype=torch.int64))
 
     def __len__(self) -> int:
         return int(self.size)
@@ -135,6 +139,7 @@ class MemoryBank(nn.Module):
 
         self.pointer.fill_((int(self.pointer) + batch_size) % self.capacity)
         self.size.fill_(min(self.capacity, int(self.size) + batch_size))
+        self.num_added += batch_size
         return slots
 
     @torch.no_grad()
@@ -146,6 +151,17 @@ class MemoryBank(nn.Module):
         self.steps.zero_()
         self.pointer.zero_()
         self.size.zero_()
+        self.num_added.zero_()
+
+    def overwritten_since(self, pointer: int, num_added: int, slots: Tensor) -> Tensor:
+        """Mask of ``slots`` written after the bank had ``num_added`` rows and this ``pointer``.
+
+        Used to recognise entries of an index snapshot whose slot now holds another entry.
+        """
+        written = int(self.num_added) - num_added
+        if written >= self.capacity:
+            return torch.ones_like(slots, dtype=torch.bool)
+        return (slots - pointer) % self.capacity < written
 
     def extra_repr(self) -> str:
         return (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,7 +21,7 @@ from annloss.functional import (
     info_nce_from_masks,
     triplet_margin_from_masks,
 )
-from annloss.index import INDEX_BACKENDS, search_inner_product
+from annloss.index import INDEX_BACKENDS, EmbeddingIndex, make_index
 from annloss.losses import _SpatialPairLoss
 from annloss.memory_bank import NO_ID, MemoryBank
 
@@ -37,6 +38,10 @@ def _check_count(name: str, value: int, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _drop_index_after_load(module: MemoryBankSpatialLoss, incompatible_keys: Any) -> None:
+    module._index = None
 
 
 class MemoryBankSpatialLoss(_SpatialPairLoss):
@@ -86,8 +91,16 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         coordinate_order: ``"lonlat"`` or ``"latlon"``. Default: ``"lonlat"``.
         min_bank_size: bank entries needed before mining starts. Default: ``num_negatives``.
         bank_dtype: storage dtype of bank embeddings. Default: float32.
-        index: search backend for hard negatives, ``"auto"``, ``"flat"`` (FAISS, CPU) or
-            ``"torch"``. Default: ``"auto"``.
+        index: inner-product index for hard negatives: ``"flat"`` (exact, FAISS
+            ``IndexFlatIP``), ``"ivf"`` (FAISS ``IndexIVFFlat``, approximate), ``"hnsw"`` (FAISS
+            ``IndexHNSWFlat``, approximate), ``"torch"`` (exact matmul + topk, any device) or
+            ``"auto"`` (``"torch"`` on accelerators; on the CPU ``"flat"`` below 262,144
+            entries and ``"ivf"`` above). Default: ``"auto"``.
+        index_options: keyword arguments of the index class, e.g. ``{"nprobe": 64}`` for IVF
+            or ``{"ef_search": 256}`` for HNSW. Default: none.
+        refresh_every: rebuild the index every this many training steps. Between rebuilds,
+            entries added since the last one are not mined as negatives and overwritten slots
+            are skipped. Default: 1 (rebuild every step, so mining sees the whole bank).
 
     Shape:
         - embeddings: ``(B, D)``; float16 and bfloat16 are scored in float32.
@@ -98,7 +111,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     After each call ``stats`` holds ``num_positive_pairs``, ``num_batch_positive_pairs``,
     ``num_bank_positive_pairs``, ``num_negative_pairs``, ``num_bank_negative_pairs``,
     ``num_filtered_negatives`` (mined candidates dropped for lying inside the negative radius),
-    ``bank_size``, ``used_bank`` and ``mining_time_s``.
+    ``bank_size``, ``used_bank``, ``mining_time_s`` (index build included) and
+    ``index_build_time_s`` (0 when the index was reused).
 
     Example:
         >>> import torch
@@ -130,6 +144,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         min_bank_size: int | None = None,
         bank_dtype: torch.dtype = torch.float32,
         index: str = "auto",
+        index_options: dict[str, Any] | None = None,
+        refresh_every: int = 1,
     ) -> None:
         super().__init__(
             distance_threshold=distance_threshold,
@@ -152,6 +168,14 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             "min_bank_size", num_negatives if min_bank_size is None else min_bank_size, 1
         )
         self.index = index
+        self.index_options = dict(index_options or {})
+        self.refresh_every = _check_count("refresh_every", refresh_every, 1)
+        self._index: EmbeddingIndex | None = None
+        # (step, bank pointer, bank rows added) when the index snapshot was taken.
+        self._index_state = (0, 0, 0)
+        self._index_build_time_s = 0.0
+        # A loaded state replaces the bank, so the snapshot must be rebuilt.
+        self.register_load_state_dict_post_hook(_drop_index_after_load)
         self.bank = MemoryBank(
             _check_count("memory_size", memory_size, 1),
             _check_count("embedding_dim", embedding_dim, 1),
@@ -179,6 +203,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         bank_size = len(self.bank)
         used_bank = bank_size >= self.min_bank_size and unit.shape[0] > 0
         started = time.perf_counter()
+        self._index_build_time_s = 0.0
         if used_bank:
             positive_slots = self._mine_positives(coordinates, ids, bank_size)
             negative_slots, num_filtered = self._mine_negatives(
@@ -213,6 +238,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             "bank_size": bank_size,
             "used_bank": used_bank,
             "mining_time_s": mining_time_s,
+            "index_build_time_s": self._index_build_time_s,
         }
 
         logger.debug(
@@ -325,40 +351,62 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         inside = torch.isfinite(best_score) & (distance < self.distance_threshold)
         return best_slots.masked_fill(~inside, -1)
 
+    def _fresh_index(self, bank_size: int) -> EmbeddingIndex:
+        """Return the negative-mining index, rebuilt when ``refresh_every`` steps have passed.
+
+        The snapshot covers the ``bank_size`` filled slots at build time. Entries added later
+        are not searchable until the next rebuild, and slots overwritten since are filtered
+        out by the caller.
+        """
+        step = int(self.step)
+        if self._index is None or step - self._index_state[0] >= self.refresh_every:
+            started = time.perf_counter()
+            index = make_index(
+                self.index, self.bank.embeddings.device, bank_size, **self.index_options
+            )
+            index.build(self.bank.embeddings[:bank_size])
+            self._index = index
+            self._index_state = (step, int(self.bank.pointer), int(self.bank.num_added))
+            self._index_build_time_s = time.perf_counter() - started
+        return self._index
+
     @torch.no_grad()
     def _mine_negatives(
         self, unit: Tensor, coordinates: Tensor, ids: Tensor | None, bank_size: int
     ) -> tuple[Tensor, int]:
         """Return ``(B, K)`` hard-negative slots, most similar first, ``-1`` padded.
 
-        Candidates come from an exact inner-product search over the filled slots; those inside
-        the negative radius or with the anchor's id are dropped. Rows left with fewer than
-        ``K`` survivors are searched again with four times as many candidates, until the
-        whole bank has been examined.
+        Candidates come from the inner-product index over the bank snapshot; those inside the
+        negative radius, with the anchor's id, or in slots overwritten since the snapshot are
+        dropped. Rows left with fewer than ``K`` survivors are searched again with four times
+        as many candidates, until the whole snapshot has been examined.
 
         Returns:
             ``(slots, num_filtered)``, where ``num_filtered`` counts candidates dropped for lying
             inside the negative radius, among those ranked above each anchor's last kept one.
         """
+        index = self._fresh_index(bank_size)
+        snapshot_rows = index.num_rows
         batch_size = unit.shape[0]
         k = self.num_negatives
         result = torch.full((batch_size, k), -1, dtype=torch.int64, device=unit.device)
-        database = self.bank.embeddings[:bank_size]
         rows = torch.arange(batch_size, device=unit.device)
-        fetch = min(bank_size, 2 * k)
+        fetch = min(snapshot_rows, 2 * k)
         num_filtered = 0
 
         while rows.numel() > 0:
-            _, slots = search_inner_product(unit[rows], database, fetch, backend=self.index)
-            slots = slots.to(unit.device)
+            _, slots = index.search(unit[rows], fetch)
+            found = slots >= 0
+            slots = slots.clamp_min(0)
             distance = paired_distance(
                 coordinates[rows][:, None, :],
                 self.bank.coordinates[slots],
                 metric=self.metric,
                 coordinate_order=self.coordinate_order,
             )
-            too_close = distance < self.negative_threshold
-            accepted = ~too_close & (slots >= 0)
+            too_close = found & (distance < self.negative_threshold)
+            accepted = found & ~too_close
+            accepted &= ~self.bank.overwritten_since(*self._index_state[1:], slots)
             same_id = self._same_id(None if ids is None else ids[rows], self.bank.ids[slots])
             if same_id is not None:
                 accepted &= ~same_id
@@ -366,7 +414,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             rank = torch.cumsum(accepted.to(torch.int64), dim=1)
             taken = accepted & (rank <= k)
             count = taken.sum(dim=1)
-            done = (count == k) | (fetch >= bank_size)
+            done = (count == k) | (fetch >= snapshot_rows)
 
             # Candidates examined per row: up to the last taken one, or all when too few remain.
             examined = torch.where(count == k, (rank < k).sum(dim=1) + 1, slots.shape[1])
@@ -379,7 +427,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             result[row_index, (rank - 1)[keep_rows]] = slots[keep_rows]
 
             rows = rows[~done]
-            fetch = min(bank_size, fetch * 4)
+            fetch = min(snapshot_rows, fetch * 4)
 
         return result, num_filtered
 

@@ -324,7 +324,8 @@ def test_invalid_inputs_raise():
     "overrides, message",
     [
         ({"loss": "contrastive"}, r"loss must be 'infonce' or 'triplet'"),
-        ({"index": "ivf"}, r"index must be one of"),
+        ({"index": "annoy"}, r"index must be one of"),
+        ({"refresh_every": 0}, r"refresh_every must be an integer >= 1, got 0"),
         ({"num_negatives": 0}, r"num_negatives must be an integer >= 1, got 0"),
         ({"memory_size": 0}, r"memory_size must be an integer >= 1, got 0"),
         ({"margin": -1.0}, r"margin must be a number >= 0"),

@@ -8,6 +8,7 @@ would give different token ids in every run.
 
 from __future__ import annotations
 
+import itertools
 import re
 import zlib
 from collections.abc import Iterable, Sequence
@@ -48,7 +49,7 @@ class HashingTokenizer:
         """Split ``text`` into the prefixed strings that are hashed, in truncation order."""
         words = _WORD_PATTERN.findall(text.casefold())
         pieces = [f"w:{word}" for word in words]
-        pieces += [f"b:{first} {second}" for first, second in zip(words, words[1:])]
+        pieces += [f"b:{first} {second}" for first, second in itertools.pairwise(words)]
         for word in words:
             # "<" and ">" mark the word boundaries, so a prefix trigram differs from an inner one.
             padded = f"<{word}>"

@@ -1,0 +1,152 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import clustered_lonlat, random_embeddings
+
+from annloss import MemoryBankSpatialLoss
+from annloss.index import AUTO_IVF_MIN_SIZE, FlatIndex, IVFIndex, TorchIndex, make_index
+
+
+def clustered_unit_vectors(num_rows: int, dim: int, *, seed: int) -> torch.Tensor:
+    """Unit vectors around 50 centres, so approximate indexes face realistic structure."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(50, dim, generator=generator)
+    assignment = torch.randint(50, (num_rows,), generator=generator)
+    points = centres[assignment] + 0.5 * torch.randn(num_rows, dim, generator=generator)
+    return F.normalize(points, dim=1)
+
+
+def exact_top_k(queries: torch.Tensor, database: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(queries.double() @ database.double().T, k, dim=1).indices
+
+
+def recall(found: torch.Tensor, expected: torch.Tensor) -> float:
+    hits = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, expected))
+    return hits / expected.numel()
+
+
+DATABASE = clustered_unit_vectors(6000, 32, seed=0)
+QUERIES = clustered_unit_vectors(200, 32, seed=1)
+EXPECTED = exact_top_k(QUERIES, DATABASE, 10)
+
+
+@pytest.mark.parametrize("backend", ["flat", "torch"])
+def test_exact_backends_match_brute_force(backend):
+    index = make_index(backend, torch.device("cpu"), len(DATABASE))
+    index.build(DATABASE)
+    scores, rows = index.search(QUERIES, 10)
+    assert index.exact
+    assert recall(rows, EXPECTED) == 1.0
+    expected_scores = (QUERIES.double() @ DATABASE.double().T).gather(1, EXPECTED)
+    torch.testing.assert_close(scores.double(), expected_scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "backend, options", [("ivf", {"nprobe": 16}), ("hnsw", {"ef_search": 64})]
+)
+def test_approximate_backends_reach_recall(backend, options):
+    index = make_index(backend, torch.device("cpu"), len(DATABASE), **options)
+    index.build(DATABASE)
+    _, rows = index.search(QUERIES, 10)
+    assert not index.exact
+    assert recall(rows, EXPECTED) >= 0.9
+
+
+def test_ivf_probing_every_cell_is_exact():
+    index = IVFIndex(nlist=20, nprobe=20)
+    index.build(DATABASE)
+    _, rows = index.search(QUERIES, 10)
+    assert recall(rows, EXPECTED) == 1.0
+
+
+def test_search_clips_k_to_snapshot():
+    index = FlatIndex()
+    index.build(DATABASE[:5])
+    scores, rows = index.search(QUERIES[:3], 50)
+    assert rows.shape == (3, 5)
+    assert sorted(rows[0].tolist()) == [0, 1, 2, 3, 4]
+    assert scores.shape == (3, 5)
+
+
+def test_search_before_build_raises():
+    with pytest.raises(RuntimeError, match=r"call build\(\)"):
+        TorchIndex().search(QUERIES, 3)
+
+
+def test_auto_picks_by_size_and_device():
+    cpu = torch.device("cpu")
+    assert isinstance(make_index("auto", cpu, 1000), FlatIndex)
+    assert isinstance(make_index("auto", cpu, AUTO_IVF_MIN_SIZE), IVFIndex)
+    assert isinstance(make_index("auto", torch.device("meta"), 1000), TorchIndex)
+
+
+def test_faiss_backend_on_accelerator_raises():
+    with pytest.raises(ValueError, match=r"index='flat' runs FAISS on the CPU but the bank is on meta"):
+        make_index("flat", torch.device("meta"), 1000)
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match=r"index must be one of"):
+        make_index("annoy", torch.device("cpu"), 10)
+
+
+def mined_loss(**overrides) -> MemoryBankSpatialLoss:
+    options = {
+        "embedding_dim": 8,
+        "distance_threshold": 300.0,
+        "negative_threshold": 600.0,
+        "memory_size": 64,
+        "num_negatives": 6,
+    }
+    options.update(overrides)
+    return MemoryBankSpatialLoss(**options)
+
+
+def batches(num_batches: int, batch_size: int = 24):
+    lonlat = clustered_lonlat(num_batches * batch_size, seed=21)
+    for step in range(num_batches):
+        rows = slice(step * batch_size, (step + 1) * batch_size)
+        ids = torch.arange(step * batch_size, (step + 1) * batch_size)
+        yield random_embeddings(batch_size, 8, seed=step, dtype=torch.float32), lonlat[rows], ids
+
+
+def test_every_backend_gives_same_loss_when_exact():
+    # IVF probing all cells and HNSW with a search list as large as the bank are exact.
+    criteria = {
+        "flat": mined_loss(index="flat"),
+        "torch": mined_loss(index="torch"),
+        "ivf": mined_loss(index="ivf", index_options={"nlist": 1, "nprobe": 1}),
+        "hnsw": mined_loss(index="hnsw", index_options={"ef_search": 64}),
+    }
+    for batch in batches(6):
+        values = {name: criterion(*batch).item() for name, criterion in criteria.items()}
+        for name, value in values.items():
+            assert value == pytest.approx(values["flat"], abs=1e-5), name
+
+
+def test_stale_snapshot_never_yields_overwritten_slots():
+    criterion = mined_loss(refresh_every=3)
+    for batch in batches(9):
+        criterion(*batch)
+        embeddings, lonlat, ids = batch
+        unit = F.normalize(embeddings, dim=1)
+        slots, _ = criterion._mine_negatives(unit, lonlat, ids, len(criterion.bank))
+        _, pointer, num_added = criterion._index_state
+        mined = slots[slots >= 0]
+        assert mined.numel() > 0
+        assert not criterion.bank.overwritten_since(pointer, num_added, mined).any()
+    # The first call finds an empty bank, so the first snapshot is taken at step 1, then every
+    # third step.
+    assert criterion._index_state[0] == 7
+
+
+def test_index_rebuilt_after_load_state_dict():
+    original = mined_loss(refresh_every=4)
+    stream = list(batches(6))
+    for batch in stream[:5]:
+        original(*batch)
+    resumed = mined_loss(refresh_every=4)
+    resumed.load_state_dict(original.state_dict())
+    assert resumed._index is None
+    resumed(*stream[5])
+    assert resumed.stats["index_build_time_s"] > 0
