@@ -163,6 +163,15 @@ class MemoryBank(nn.Module):
             return torch.ones_like(slots, dtype=torch.bool)
         return (slots - pointer) % self.capacity < written
 
+    def slots_written_since(self, pointer: int, num_added: int) -> Tensor:
+        """Return the slots written after the bank had ``num_added`` rows and this ``pointer``.
+
+        The slots are in write order, oldest first, and each appears once.
+        """
+        written = min(int(self.num_added) - num_added, self.capacity)
+        offsets = torch.arange(written, device=self.embeddings.device)
+        return (pointer + offsets) % self.capacity
+
     def extra_repr(self) -> str:
         return (
             f"capacity={self.capacity}, embedding_dim={self.embedding_dim}, "

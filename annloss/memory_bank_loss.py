@@ -12,9 +12,6 @@ from torch import Tensor
 from annloss._checks import check_ids, check_positive, check_same_device
 from annloss.coordinates import (
     paired_distance,
-    pairwise_distance,
-    radius_to_cosine,
-    unit_vectors,
 )
 from annloss.functional import (
     cosine_to_euclidean,
@@ -24,14 +21,15 @@ from annloss.functional import (
 from annloss.index import INDEX_BACKENDS, EmbeddingIndex, make_index
 from annloss.losses import _SpatialPairLoss
 from annloss.memory_bank import NO_ID, MemoryBank
+from annloss.spatial_index import (
+    BallTreeRadiusIndex,
+    exact_radius_candidates,
+    nearest_per_row,
+)
 
 __all__ = ["MemoryBankSpatialLoss"]
 
 logger = logging.getLogger(__name__)
-
-# Bank columns whose spatial distances to the batch are computed at once when mining positives;
-# bounds the temporary (B, chunk) float64 matrix.
-_POSITIVE_CHUNK = 65_536
 
 
 def _check_count(name: str, value: int, minimum: int) -> int:
@@ -42,6 +40,7 @@ def _check_count(name: str, value: int, minimum: int) -> int:
 
 def _drop_index_after_load(module: MemoryBankSpatialLoss, incompatible_keys: Any) -> None:
     module._index = None
+    module._tree = None
 
 
 class MemoryBankSpatialLoss(_SpatialPairLoss):
@@ -98,9 +97,13 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             entries and ``"ivf"`` above). Default: ``"auto"``.
         index_options: keyword arguments of the index class, e.g. ``{"nprobe": 64}`` for IVF
             or ``{"ef_search": 256}`` for HNSW. Default: none.
-        refresh_every: rebuild the index every this many training steps. Between rebuilds,
-            entries added since the last one are not mined as negatives and overwritten slots
-            are skipped. Default: 1 (rebuild every step, so mining sees the whole bank).
+        refresh_every: rebuild the mining indexes every this many training steps. Between
+            rebuilds, entries added since the last one are not mined as negatives and
+            overwritten slots are skipped. Default: 1 (rebuild every step).
+        positive_index: how bank positives are found: ``"exact"`` (a scan of every bank entry,
+            one matrix product of unit-sphere vectors for the haversine metric) or
+            ``"balltree"`` (a scikit-learn ``BallTree`` over the snapshot plus an exact scan of
+            the entries added since). Both return the same positives. Default: ``"exact"``.
 
     Shape:
         - embeddings: ``(B, D)``; float16 and bfloat16 are scored in float32.
@@ -146,6 +149,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         index: str = "auto",
         index_options: dict[str, Any] | None = None,
         refresh_every: int = 1,
+        positive_index: str = "exact",
     ) -> None:
         super().__init__(
             distance_threshold=distance_threshold,
@@ -170,7 +174,13 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         self.index = index
         self.index_options = dict(index_options or {})
         self.refresh_every = _check_count("refresh_every", refresh_every, 1)
+        if positive_index not in ("exact", "balltree"):
+            raise ValueError(
+                f"positive_index must be 'exact' or 'balltree', got {positive_index!r}"
+            )
+        self.positive_index = positive_index
         self._index: EmbeddingIndex | None = None
+        self._tree: BallTreeRadiusIndex | None = None
         # (step, bank pointer, bank rows added) when the index snapshot was taken.
         self._index_state = (0, 0, 0)
         self._index_build_time_s = 0.0
@@ -299,64 +309,44 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     def _mine_positives(self, coordinates: Tensor, ids: Tensor | None, bank_size: int) -> Tensor:
         """Return ``(B, P)`` bank slots within the positive radius, nearest first, ``-1`` padded.
 
-        For the haversine metric, candidates are ranked by the dot product of unit-sphere
-        vectors, which orders them by great-circle distance at the cost of one matrix product;
-        the exact haversine distance then decides membership at the radius.
+        With ``positive_index="balltree"`` the tree covers the snapshot, minus slots overwritten
+        since, and an exact scan covers the rows written since; so the result is exact whatever
+        ``refresh_every`` is.
         """
-        batch_size = coordinates.shape[0]
-        device = coordinates.device
-        keep = self.max_positives
-        best_score = torch.empty(batch_size, 0, dtype=torch.float64, device=device)
-        best_slots = torch.empty(batch_size, 0, dtype=torch.int64, device=device)
-        if keep == 0:
-            return best_slots
+        radius = self.distance_threshold
+        options = {"metric": self.metric, "coordinate_order": self.coordinate_order}
+        if self.positive_index == "exact":
+            slots = torch.arange(bank_size, device=coordinates.device)
+            rows, slots, distance = exact_radius_candidates(
+                coordinates, self.bank.coordinates[:bank_size], slots, radius, **options
+            )
+        else:
+            tree = self._refresh_snapshot(bank_size)[1]
+            assert tree is not None
+            rows, slots, distance = tree.query(coordinates, radius)
+            current = ~self.bank.overwritten_since(*self._index_state[1:], slots)
+            recent = self.bank.slots_written_since(*self._index_state[1:])
+            recent_rows, recent_slots, recent_distance = exact_radius_candidates(
+                coordinates, self.bank.coordinates[recent], recent, radius, **options
+            )
+            rows = torch.cat([rows[current], recent_rows])
+            slots = torch.cat([slots[current], recent_slots])
+            distance = torch.cat([distance[current], recent_distance])
 
-        haversine = self.metric == "haversine"
-        if haversine:
-            anchor_vectors = unit_vectors(coordinates, coordinate_order=self.coordinate_order)
-            # Looser by 1e-12 than the radius so that rounding in the dot product cannot drop a
-            # true positive; the exact check below removes the extra ones.
-            min_score = radius_to_cosine(self.distance_threshold) - 1e-12
+        if ids is not None:
+            bank_ids = self.bank.ids[slots]
+            other_entity = (bank_ids != ids[rows]) | (bank_ids == NO_ID)
+            rows, slots, distance = rows[other_entity], slots[other_entity], distance[other_entity]
+        return nearest_per_row(rows, slots, distance, coordinates.shape[0], self.max_positives)
 
-        for start in range(0, bank_size, _POSITIVE_CHUNK):
-            stop = min(bank_size, start + _POSITIVE_CHUNK)
-            bank_coordinates = self.bank.coordinates[start:stop]
-            if haversine:
-                bank_vectors = unit_vectors(
-                    bank_coordinates, coordinate_order=self.coordinate_order
-                )
-                score = anchor_vectors @ bank_vectors.T
-                rejected = score < min_score
-            else:
-                score = -pairwise_distance(coordinates, bank_coordinates, metric="euclidean")
-                rejected = -score >= self.distance_threshold
-            same_id = self._same_id(ids, self.bank.ids[start:stop])
-            if same_id is not None:
-                rejected |= same_id
-            score = score.masked_fill(rejected, float("-inf"))
-            slots = torch.arange(start, stop, device=device).expand(batch_size, -1)
-
-            if best_score.shape[1] > 0:
-                score = torch.cat([best_score, score], dim=1)
-                slots = torch.cat([best_slots, slots], dim=1)
-            best_score, order = torch.topk(score, min(keep, score.shape[1]), dim=1)
-            best_slots = torch.gather(slots, 1, order)
-
-        distance = paired_distance(
-            coordinates[:, None, :],
-            self.bank.coordinates[best_slots],
-            metric=self.metric,
-            coordinate_order=self.coordinate_order,
-        )
-        inside = torch.isfinite(best_score) & (distance < self.distance_threshold)
-        return best_slots.masked_fill(~inside, -1)
-
-    def _fresh_index(self, bank_size: int) -> EmbeddingIndex:
-        """Return the negative-mining index, rebuilt when ``refresh_every`` steps have passed.
+    def _refresh_snapshot(
+        self, bank_size: int
+    ) -> tuple[EmbeddingIndex, BallTreeRadiusIndex | None]:
+        """Return the mining indexes, rebuilt when ``refresh_every`` steps have passed.
 
         The snapshot covers the ``bank_size`` filled slots at build time. Entries added later
-        are not searchable until the next rebuild, and slots overwritten since are filtered
-        out by the caller.
+        are not searched as negatives until the next rebuild, and slots overwritten since are
+        filtered out by the callers.
         """
         step = int(self.step)
         if self._index is None or step - self._index_state[0] >= self.refresh_every:
@@ -366,9 +356,12 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             )
             index.build(self.bank.embeddings[:bank_size])
             self._index = index
+            if self.positive_index == "balltree":
+                self._tree = BallTreeRadiusIndex(self.metric, self.coordinate_order)
+                self._tree.build(self.bank.coordinates[:bank_size])
             self._index_state = (step, int(self.bank.pointer), int(self.bank.num_added))
             self._index_build_time_s = time.perf_counter() - started
-        return self._index
+        return self._index, self._tree
 
     @torch.no_grad()
     def _mine_negatives(
@@ -385,7 +378,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             ``(slots, num_filtered)``, where ``num_filtered`` counts candidates dropped for lying
             inside the negative radius, among those ranked above each anchor's last kept one.
         """
-        index = self._fresh_index(bank_size)
+        index = self._refresh_snapshot(bank_size)[0]
         snapshot_rows = index.num_rows
         batch_size = unit.shape[0]
         k = self.num_negatives

@@ -1,0 +1,183 @@
+"""Radius search over bank coordinates: an exact scan and a scikit-learn ``BallTree``.
+
+Both return candidates in a sparse form, three 1-D tensors ``(rows, slots, distance)``: anchor row,
+bank slot and spatial distance of every pair within the radius. :func:`nearest_per_row` then keeps
+the nearest few per anchor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.neighbors import BallTree
+from torch import Tensor
+
+from annloss.coordinates import (
+    EARTH_RADIUS_KM,
+    paired_distance,
+    radius_to_cosine,
+    to_latlon,
+    unit_vectors,
+)
+
+__all__ = ["BallTreeRadiusIndex", "exact_radius_candidates", "nearest_per_row"]
+
+# Reference columns scanned at once by the exact search; bounds its (B, chunk) temporaries.
+_SCAN_CHUNK = 65_536
+# Anchors per BallTree radius query; scikit-learn builds all result arrays of a query at once,
+# so chunking bounds memory when many anchors sit in dense regions.
+_TREE_QUERY_CHUNK = 1024
+
+
+def _empty_candidates(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    return empty, empty.clone(), torch.empty(0, dtype=torch.float64, device=device)
+
+
+def exact_radius_candidates(
+    anchors: Tensor,
+    references: Tensor,
+    reference_slots: Tensor,
+    radius: float,
+    *,
+    metric: str,
+    coordinate_order: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return every (anchor, reference) pair strictly closer than ``radius``.
+
+    For the haversine metric a dot product of unit-sphere vectors, one matrix product, selects
+    the candidates (with a margin of 1e-12 so rounding cannot drop a true pair), and the exact
+    float64 haversine distance decides.
+
+    Shape:
+        - anchors: ``(B, 2)``; references: ``(C, 2)``; reference_slots: ``(C,)`` bank slots.
+        - output: ``(rows, slots, distance)``, each ``(P,)``.
+    """
+    if references.shape[0] == 0 or anchors.shape[0] == 0:
+        return _empty_candidates(anchors.device)
+
+    haversine = metric == "haversine"
+    if haversine:
+        anchor_vectors = unit_vectors(anchors, coordinate_order=coordinate_order)
+        min_cosine = radius_to_cosine(radius) - 1e-12
+
+    found_rows, found_columns = [], []
+    for start in range(0, references.shape[0], _SCAN_CHUNK):
+        block = references[start : start + _SCAN_CHUNK]
+        if haversine:
+            cosine = anchor_vectors @ unit_vectors(block, coordinate_order=coordinate_order).T
+            rows, columns = torch.nonzero(cosine >= min_cosine, as_tuple=True)
+        else:
+            difference = anchors[:, None, :] - block[None, :, :]
+            rows, columns = torch.nonzero((difference**2).sum(-1) < radius**2, as_tuple=True)
+        found_rows.append(rows)
+        found_columns.append(columns + start)
+
+    rows = torch.cat(found_rows)
+    columns = torch.cat(found_columns)
+    distance = paired_distance(
+        anchors[rows], references[columns], metric=metric, coordinate_order=coordinate_order
+    )
+    inside = distance < radius
+    return rows[inside], reference_slots[columns[inside]], distance[inside]
+
+
+class BallTreeRadiusIndex:
+    """Radius search with a scikit-learn ``BallTree`` over a snapshot of bank coordinates.
+
+    The haversine metric converts coordinates to ``[lat, lon]`` radians inside, as scikit-learn
+    requires; the Euclidean metric uses the projected coordinates as they are. Results are
+    checked with the same float64 distance as the exact scan, so both searches agree at the
+    radius boundary.
+
+    Args:
+        metric: ``"haversine"`` or ``"euclidean"``.
+        coordinate_order: ``"lonlat"`` or ``"latlon"``.
+        leaf_size: points per leaf of the tree. Default: 40 (scikit-learn's default).
+    """
+
+    def __init__(self, metric: str, coordinate_order: str, leaf_size: int = 40) -> None:
+        self.metric = metric
+        self.coordinate_order = coordinate_order
+        self.leaf_size = leaf_size
+        self._tree: BallTree | None = None
+        self._coordinates: Tensor | None = None
+
+    def _tree_points(self, coordinates: Tensor) -> np.ndarray:
+        points = coordinates.detach().to(torch.float64).cpu()
+        if self.metric == "haversine":
+            points = torch.deg2rad(to_latlon(points, self.coordinate_order))
+        return points.numpy()
+
+    def build(self, coordinates: Tensor) -> None:
+        """Index ``(M, 2)`` coordinates; row ``i`` is bank slot ``i``."""
+        self._coordinates = coordinates.detach().clone()
+        self._tree = BallTree(
+            self._tree_points(coordinates), leaf_size=self.leaf_size, metric=self.metric
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return 0 if self._coordinates is None else self._coordinates.shape[0]
+
+    def query(self, anchors: Tensor, radius: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Return every (anchor, snapshot row) pair strictly closer than ``radius``.
+
+        Shape:
+            - anchors: ``(B, 2)``.
+            - output: ``(rows, slots, distance)``, each ``(P,)``, on the anchors' device.
+        """
+        if self._tree is None or self._coordinates is None:
+            raise RuntimeError("the BallTree is empty; call build() with bank coordinates first")
+        if anchors.shape[0] == 0:
+            return _empty_candidates(anchors.device)
+
+        # The tree's own haversine rounds differently from ours; a slightly larger query radius
+        # keeps boundary pairs, and the exact check below removes the extra ones.
+        tree_radius = radius / EARTH_RADIUS_KM if self.metric == "haversine" else radius
+        tree_radius *= 1 + 1e-9
+        points = self._tree_points(anchors)
+        row_chunks, slot_chunks = [], []
+        for start in range(0, points.shape[0], _TREE_QUERY_CHUNK):
+            neighbours = self._tree.query_radius(
+                points[start : start + _TREE_QUERY_CHUNK], tree_radius
+            )
+            counts = np.fromiter((len(found) for found in neighbours), dtype=np.int64)
+            row_chunks.append(start + np.repeat(np.arange(len(neighbours)), counts))
+            slot_chunks.append(np.concatenate(neighbours).astype(np.int64, copy=False))
+
+        rows = torch.from_numpy(np.concatenate(row_chunks)).to(anchors.device)
+        slots = torch.from_numpy(np.concatenate(slot_chunks)).to(anchors.device)
+        distance = paired_distance(
+            anchors[rows],
+            self._coordinates.to(anchors.device)[slots],
+            metric=self.metric,
+            coordinate_order=self.coordinate_order,
+        )
+        inside = distance < radius
+        return rows[inside], slots[inside], distance[inside]
+
+
+def nearest_per_row(
+    rows: Tensor, slots: Tensor, distance: Tensor, num_rows: int, k: int
+) -> Tensor:
+    """Keep the ``k`` nearest candidates of each anchor.
+
+    Returns:
+        ``(num_rows, k)`` int64 slots, nearest first, ``-1`` where an anchor has fewer.
+    """
+    result = torch.full((num_rows, k), -1, dtype=torch.int64, device=rows.device)
+    if rows.numel() == 0 or k == 0:
+        return result
+
+    # Sort by distance, then stably by row, so each row's candidates are nearest first.
+    order = torch.argsort(distance, stable=True)
+    order = order[torch.argsort(rows[order], stable=True)]
+    rows, slots = rows[order], slots[order]
+
+    counts = torch.bincount(rows, minlength=num_rows)
+    row_start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(rows.numel(), device=rows.device) - row_start[rows]
+    kept = rank < k
+    result[rows[kept], rank[kept]] = slots[kept]
+    return result
