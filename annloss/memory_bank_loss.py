@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch import Tensor
 
 from annloss._checks import check_ids, check_positive, check_same_device
@@ -83,7 +84,12 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         memory_size: bank capacity ``M`` in entries. Default: 65,536.
         num_negatives: hard negatives mined per anchor ``K``. Default: 64.
         max_positives: bank positives kept per anchor ``P``. Default: 64.
-        loss: ``"infonce"`` or ``"triplet"``. Default: ``"infonce"``.
+        loss: ``"infonce"``, ``"triplet"``, or a pytorch-metric-learning loss that accepts
+            ``indices_tuple`` without labels (for example ``NTXentLoss``, ``SupConLoss``,
+            ``TripletMarginLoss``, ``ContrastiveLoss``). A PML loss receives the L2-normalised
+            batch as embeddings, the batch followed by the mined bank entries as ``ref_emb``,
+            and the spatial pairs as ``indices_tuple``; its memory cost is its own (NTXentLoss
+            builds a positive-pairs x negative-pairs matrix). Default: ``"infonce"``.
         temperature: InfoNCE temperature :math:`\tau > 0`. Default: 0.1.
         margin: triplet margin :math:`m \ge 0` in unit-embedding distance. Default: 1.0.
         metric: ``"haversine"`` or ``"euclidean"``. Default: ``"haversine"``.
@@ -139,7 +145,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         memory_size: int = 65_536,
         num_negatives: int = 64,
         max_positives: int = 64,
-        loss: str = "infonce",
+        loss: str | BaseMetricLossFunction = "infonce",
         temperature: float = 0.1,
         margin: float = 1.0,
         metric: str = "haversine",
@@ -157,8 +163,14 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             metric=metric,
             coordinate_order=coordinate_order,
         )
-        if loss not in ("infonce", "triplet"):
-            raise ValueError(f"loss must be 'infonce' or 'triplet', got {loss!r}")
+        if isinstance(loss, str):
+            if loss not in ("infonce", "triplet"):
+                raise ValueError(f"loss must be 'infonce' or 'triplet', got {loss!r}")
+        elif not isinstance(loss, BaseMetricLossFunction):
+            raise TypeError(
+                "loss must be 'infonce', 'triplet' or a pytorch-metric-learning loss such as "
+                f"NTXentLoss(), got {type(loss).__name__}"
+            )
         if index not in INDEX_BACKENDS:
             raise ValueError(f"index must be one of {INDEX_BACKENDS}, got {index!r}")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
@@ -228,7 +240,10 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         similarity, positive_mask, negative_mask = self._assemble(
             unit, batch_positive, batch_negative, positive_slots, negative_slots
         )
-        if self.loss == "infonce":
+        if isinstance(self.loss, BaseMetricLossFunction):
+            loss = self._metric_learning_loss(unit, positive_mask, negative_mask, positive_slots,
+                                              negative_slots)
+        elif self.loss == "infonce":
             loss, _ = info_nce_from_masks(similarity, positive_mask, negative_mask, self.temperature)
         else:
             distance = cosine_to_euclidean(similarity)
@@ -292,6 +307,36 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             torch.cat([batch_positive, bank_positive], dim=1),
             torch.cat([batch_negative, bank_negative], dim=1),
         )
+
+    def _metric_learning_loss(
+        self,
+        unit: Tensor,
+        positive_mask: Tensor,
+        negative_mask: Tensor,
+        positive_slots: Tensor,
+        negative_slots: Tensor,
+    ) -> Tensor:
+        """Score the mined pairs with the wrapped pytorch-metric-learning loss.
+
+        The reference set is the batch followed by each distinct mined bank entry once, and
+        the pairs reach the loss as ``indices_tuple=(a1, p, a2, n)`` with ``ref_emb``. Pairs of
+        anchors without a positive or without a negative are dropped, as in the built-in losses.
+        """
+        batch_size = unit.shape[0]
+        slots = torch.cat([positive_slots, negative_slots], dim=1)
+        filled = slots >= 0
+        unique_slots, inverse = torch.unique(slots[filled], return_inverse=True)
+        columns = torch.arange(batch_size, device=unit.device).expand(batch_size, -1)
+        bank_columns = torch.full_like(slots, -1)
+        bank_columns[filled] = batch_size + inverse
+        columns = torch.cat([columns, bank_columns], dim=1)
+        references = torch.cat([unit, self.bank.embeddings[unique_slots].to(unit.dtype)])
+
+        valid_anchor = (positive_mask.any(dim=1) & negative_mask.any(dim=1))[:, None]
+        a1, positive_column = torch.nonzero(positive_mask & valid_anchor, as_tuple=True)
+        a2, negative_column = torch.nonzero(negative_mask & valid_anchor, as_tuple=True)
+        indices_tuple = (a1, columns[a1, positive_column], a2, columns[a2, negative_column])
+        return self.loss(unit, indices_tuple=indices_tuple, ref_emb=references)
 
     @staticmethod
     def _same_id(ids: Tensor | None, bank_ids: Tensor) -> Tensor | None:

@@ -4,7 +4,7 @@ import reference
 import torch
 import torch.nn.functional as F
 from conftest import clustered_lonlat, random_embeddings
-from pytorch_metric_learning.losses import NTXentLoss
+from pytorch_metric_learning.losses import NTXentLoss, SupConLoss, TripletMarginLoss
 
 from annloss import MemoryBankSpatialLoss, SpatialContrastiveLoss, SpatialTripletLoss
 
@@ -334,3 +334,39 @@ def test_invalid_inputs_raise():
 def test_invalid_arguments_raise(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_criterion(**overrides)
+
+
+@pytest.mark.parametrize(
+    "pml_loss, builtin",
+    [
+        (NTXentLoss(temperature=0.2), {"loss": "infonce", "temperature": 0.2}),
+        (TripletMarginLoss(margin=0.5), {"loss": "triplet", "margin": 0.5}),
+    ],
+)
+def test_pml_loss_inside_equals_builtin(pml_loss, builtin):
+    wrapped = make_criterion(loss=pml_loss)
+    reference_criterion = make_criterion(**builtin)
+    stream = PlaceStream(seed=9)
+    for step in range(6):
+        embeddings, lonlat, ids = stream.next()
+        value = wrapped(embeddings, lonlat, ids)
+        expected = reference_criterion(embeddings, lonlat, ids)
+        assert value.item() == pytest.approx(expected.item(), abs=1e-6), step
+    assert wrapped.stats["num_bank_negative_pairs"] > 0
+
+
+def test_pml_supcon_inside_backpropagates():
+    criterion = make_criterion(loss=SupConLoss(temperature=0.1), bank_dtype=torch.float32)
+    stream = PlaceStream(seed=10)
+    for _ in range(4):
+        embeddings, lonlat, ids = stream.next()
+        embeddings = embeddings.float().requires_grad_()
+        value = criterion(embeddings, lonlat, ids)
+        value.backward()
+        assert torch.isfinite(value)
+        assert embeddings.grad.abs().sum() > 0
+
+
+def test_unsupported_loss_object_raises():
+    with pytest.raises(TypeError, match=r"pytorch-metric-learning loss such as NTXentLoss\(\)"):
+        make_criterion(loss=torch.nn.MSELoss())
