@@ -19,7 +19,7 @@ from annloss.functional import (
     info_nce_from_masks,
     triplet_margin_from_masks,
 )
-from annloss.index import INDEX_BACKENDS, EmbeddingIndex, make_index
+from annloss.index import INDEX_BACKENDS, EmbeddingIndex, TorchIndex, make_index
 from annloss.losses import _SpatialPairLoss
 from annloss.memory_bank import NO_ID, MemoryBank
 from annloss.spatial_index import (
@@ -110,6 +110,11 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             one matrix product of unit-sphere vectors for the haversine metric) or
             ``"balltree"`` (a scikit-learn ``BallTree`` over the snapshot plus an exact scan of
             the entries added since). Both return the same positives. Default: ``"exact"``.
+        audit_every: every this many steps, mine the negatives of ``audit_sample`` anchors
+            again by exact search over the current bank and report in
+            ``stats["audit_negative_recall"]`` the fraction of them that the index found.
+            0 turns the audit off. Default: 0.
+        audit_sample: anchors per audit. Default: 32.
 
     Shape:
         - embeddings: ``(B, D)``; float16 and bfloat16 are scored in float32.
@@ -156,6 +161,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         index_options: dict[str, Any] | None = None,
         refresh_every: int = 1,
         positive_index: str = "exact",
+        audit_every: int = 0,
+        audit_sample: int = 32,
     ) -> None:
         super().__init__(
             distance_threshold=distance_threshold,
@@ -191,6 +198,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
                 f"positive_index must be 'exact' or 'balltree', got {positive_index!r}"
             )
         self.positive_index = positive_index
+        self.audit_every = _check_count("audit_every", audit_every, 0)
+        self.audit_sample = _check_count("audit_sample", audit_sample, 1)
         self._index: EmbeddingIndex | None = None
         self._tree: BallTreeRadiusIndex | None = None
         # (step, bank pointer, bank rows added) when the index snapshot was taken.
@@ -226,11 +235,15 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         used_bank = bank_size >= self.min_bank_size and unit.shape[0] > 0
         started = time.perf_counter()
         self._index_build_time_s = 0.0
+        audit_recall: float | None = None
         if used_bank:
             positive_slots = self._mine_positives(coordinates, ids, bank_size)
             negative_slots, num_filtered = self._mine_negatives(
                 unit.detach(), coordinates, ids, bank_size
             )
+            if self.audit_every and int(self.step) % self.audit_every == 0:
+                audit_recall = self._audit(unit.detach(), coordinates, ids, bank_size,
+                                           negative_slots)
         else:
             positive_slots = torch.full((unit.shape[0], 0), -1, device=unit.device)
             negative_slots = positive_slots
@@ -264,6 +277,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             "used_bank": used_bank,
             "mining_time_s": mining_time_s,
             "index_build_time_s": self._index_build_time_s,
+            "audit_negative_recall": audit_recall,
         }
 
         logger.debug(
@@ -384,6 +398,35 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             rows, slots, distance = rows[other_entity], slots[other_entity], distance[other_entity]
         return nearest_per_row(rows, slots, distance, coordinates.shape[0], self.max_positives)
 
+    def _audit(
+        self,
+        unit: Tensor,
+        coordinates: Tensor,
+        ids: Tensor | None,
+        bank_size: int,
+        negative_slots: Tensor,
+    ) -> float:
+        """Return the recall of the mined negatives against exact mining on a sample of anchors.
+
+        Recall is the fraction of the negatives that exact search over the current bank would
+        mine (same radius and id filters) that the index-based mining also found. It is
+        computed outside the timed mining.
+        """
+        generator = torch.Generator().manual_seed(int(self.step))
+        sample = torch.randperm(unit.shape[0], generator=generator)[: self.audit_sample]
+        sample = sample.to(unit.device)
+        expected, _ = self._mine_negatives(
+            unit[sample],
+            coordinates[sample],
+            None if ids is None else ids[sample],
+            bank_size,
+            exact=True,
+        )
+        found = negative_slots[sample]
+        wanted = expected >= 0
+        hits = (expected[:, :, None] == found[:, None, :]).any(dim=2) & wanted
+        return float(hits.sum()) / max(int(wanted.sum()), 1)
+
     def _refresh_snapshot(
         self, bank_size: int
     ) -> tuple[EmbeddingIndex, BallTreeRadiusIndex | None]:
@@ -410,20 +453,32 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
 
     @torch.no_grad()
     def _mine_negatives(
-        self, unit: Tensor, coordinates: Tensor, ids: Tensor | None, bank_size: int
+        self,
+        unit: Tensor,
+        coordinates: Tensor,
+        ids: Tensor | None,
+        bank_size: int,
+        *,
+        exact: bool = False,
     ) -> tuple[Tensor, int]:
         """Return ``(B, K)`` hard-negative slots, most similar first, ``-1`` padded.
 
         Candidates come from the inner-product index over the bank snapshot; those inside the
         negative radius, with the anchor's id, or in slots overwritten since the snapshot are
         dropped. Rows left with fewer than ``K`` survivors are searched again with four times
-        as many candidates, until the whole snapshot has been examined.
+        as many candidates, until the whole snapshot has been examined. With ``exact=True`` a
+        fresh exact index over the current bank replaces the snapshot, which the mining audit
+        uses as ground truth.
 
         Returns:
             ``(slots, num_filtered)``, where ``num_filtered`` counts candidates dropped for lying
             inside the negative radius, among those ranked above each anchor's last kept one.
         """
-        index = self._refresh_snapshot(bank_size)[0]
+        if exact:
+            index: EmbeddingIndex = TorchIndex()
+            index.build(self.bank.embeddings[:bank_size])
+        else:
+            index = self._refresh_snapshot(bank_size)[0]
         snapshot_rows = index.num_rows
         batch_size = unit.shape[0]
         k = self.num_negatives
@@ -444,7 +499,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             )
             too_close = found & (distance < self.negative_threshold)
             accepted = found & ~too_close
-            accepted &= ~self.bank.overwritten_since(*self._index_state[1:], slots)
+            if not exact:
+                accepted &= ~self.bank.overwritten_since(*self._index_state[1:], slots)
             same_id = self._same_id(None if ids is None else ids[rows], self.bank.ids[slots])
             if same_id is not None:
                 accepted &= ~same_id

@@ -150,3 +150,29 @@ def test_index_rebuilt_after_load_state_dict():
     assert resumed._index is None
     resumed(*stream[5])
     assert resumed.stats["index_build_time_s"] > 0
+
+
+def test_audit_recall_is_one_for_fresh_exact_index():
+    criterion = mined_loss(index="flat", audit_every=1)
+    for batch in batches(5):
+        criterion(*batch)
+    assert criterion.stats["audit_negative_recall"] == 1.0
+
+
+def test_audit_detects_stale_snapshot():
+    criterion = mined_loss(index="flat", refresh_every=4, audit_every=1, audit_sample=24)
+    recalls = {}
+    for step, batch in enumerate(batches(9)):
+        criterion(*batch)
+        if step > 0:
+            rebuilt = criterion._index_state[0] == step
+            recalls[step] = (rebuilt, criterion.stats["audit_negative_recall"])
+    assert all(value == 1.0 for rebuilt, value in recalls.values() if rebuilt)
+    assert min(value for rebuilt, value in recalls.values() if not rebuilt) < 1.0
+
+
+def test_audit_off_reports_none():
+    criterion = mined_loss()
+    for batch in batches(3):
+        criterion(*batch)
+    assert criterion.stats["audit_negative_recall"] is None
