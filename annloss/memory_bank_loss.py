@@ -115,6 +115,10 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             ``stats["audit_negative_recall"]`` the fraction of them that the index found.
             0 turns the audit off. Default: 0.
         audit_sample: anchors per audit. Default: 32.
+        warmup_steps: training steps during which the bank fills but nothing is mined, so
+            the first entries come from a model that has started to learn. Default: 0.
+        max_age: entries written more than this many steps ago are not mined. Default: None
+            (any age).
 
     Shape:
         - embeddings: ``(B, D)``; float16 and bfloat16 are scored in float32.
@@ -163,6 +167,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         positive_index: str = "exact",
         audit_every: int = 0,
         audit_sample: int = 32,
+        warmup_steps: int = 0,
+        max_age: int | None = None,
     ) -> None:
         super().__init__(
             distance_threshold=distance_threshold,
@@ -200,6 +206,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         self.positive_index = positive_index
         self.audit_every = _check_count("audit_every", audit_every, 0)
         self.audit_sample = _check_count("audit_sample", audit_sample, 1)
+        self.warmup_steps = _check_count("warmup_steps", warmup_steps, 0)
+        self.max_age = None if max_age is None else _check_count("max_age", max_age, 0)
         self._index: EmbeddingIndex | None = None
         self._tree: BallTreeRadiusIndex | None = None
         # (step, bank pointer, bank rows added) when the index snapshot was taken.
@@ -232,7 +240,11 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         coordinates = coordinates.to(device=unit.device, dtype=torch.float64)
 
         bank_size = len(self.bank)
-        used_bank = bank_size >= self.min_bank_size and unit.shape[0] > 0
+        used_bank = (
+            bank_size >= self.min_bank_size
+            and unit.shape[0] > 0
+            and int(self.step) >= self.warmup_steps
+        )
         started = time.perf_counter()
         self._index_build_time_s = 0.0
         audit_recall: float | None = None
@@ -352,6 +364,11 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         indices_tuple = (a1, columns[a1, positive_column], a2, columns[a2, negative_column])
         return self.loss(unit, indices_tuple=indices_tuple, ref_emb=references)
 
+    def _fresh_slots(self, slots: Tensor) -> Tensor:
+        """Mask of ``slots`` whose entries are at most ``max_age`` steps old."""
+        assert self.max_age is not None
+        return int(self.step) - self.bank.steps[slots] <= self.max_age
+
     @staticmethod
     def _same_id(ids: Tensor | None, bank_ids: Tensor) -> Tensor | None:
         """Mask of bank entries holding the anchor's own entity, or ``None`` without ids.
@@ -392,6 +409,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             slots = torch.cat([slots[current], recent_slots])
             distance = torch.cat([distance[current], recent_distance])
 
+        if self.max_age is not None:
+            fresh = self._fresh_slots(slots)
+            rows, slots, distance = rows[fresh], slots[fresh], distance[fresh]
         if ids is not None:
             bank_ids = self.bank.ids[slots]
             other_entity = (bank_ids != ids[rows]) | (bank_ids == NO_ID)
@@ -504,6 +524,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             same_id = self._same_id(None if ids is None else ids[rows], self.bank.ids[slots])
             if same_id is not None:
                 accepted &= ~same_id
+            if self.max_age is not None:
+                accepted &= self._fresh_slots(slots)
 
             rank = torch.cumsum(accepted.to(torch.int64), dim=1)
             taken = accepted & (rank <= k)

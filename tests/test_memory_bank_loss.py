@@ -370,3 +370,40 @@ def test_pml_supcon_inside_backpropagates():
 def test_unsupported_loss_object_raises():
     with pytest.raises(TypeError, match=r"pytorch-metric-learning loss such as NTXentLoss\(\)"):
         make_criterion(loss=torch.nn.MSELoss())
+
+
+def test_warmup_steps_fill_bank_without_mining():
+    criterion = make_criterion(warmup_steps=3)
+    reference_criterion = SpatialContrastiveLoss(
+        distance_threshold=RADIUS_KM, negative_threshold=BAND_KM, temperature=0.2
+    )
+    stream = PlaceStream(seed=11)
+    for step in range(5):
+        embeddings, lonlat, ids = stream.next()
+        value = criterion(embeddings, lonlat, ids)
+        assert criterion.stats["used_bank"] is (step >= 3)
+        if step < 3:
+            assert value.item() == reference_criterion(embeddings, lonlat).item()
+    assert criterion.stats["bank_size"] == 40
+
+
+@pytest.mark.parametrize("positive_index", ["exact", "balltree"])
+def test_max_age_keeps_old_entries_out(positive_index):
+    # A 400-slot bank never wraps here, so only the age limit removes entries.
+    criterion = make_criterion(memory_size=400, max_age=2, positive_index=positive_index)
+    stream = PlaceStream(seed=12)
+    criterion(*stream.next())
+    for _ in range(5):
+        embeddings, lonlat, ids = stream.next()
+        unit = F.normalize(embeddings, dim=1)
+        positives = criterion._mine_positives(lonlat, ids, len(criterion.bank))
+        negatives, _ = criterion._mine_negatives(unit, lonlat, ids, len(criterion.bank))
+        mined = torch.cat([positives[positives >= 0], negatives[negatives >= 0]])
+        ages = int(criterion.step) - criterion.bank.steps[mined]
+        assert mined.numel() > 0
+        assert int(ages.max()) <= 2
+        criterion(embeddings, lonlat, ids)
+
+    # The last mining ran at step 5 over 80 entries, of which only steps 3 and 4 are young enough.
+    assert criterion.stats["bank_size"] == 80
+    assert set(criterion.bank.steps[mined].tolist()) == {3, 4}
