@@ -8,6 +8,7 @@ row ``i`` of the snapshot is bank slot ``i``. Searches return bank slots, ``-1``
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -19,12 +20,16 @@ from torch import Tensor
 __all__ = [
     "INDEX_BACKENDS",
     "EmbeddingIndex",
+    "FaissGpuFlatIndex",
     "FlatIndex",
     "HNSWIndex",
     "IVFIndex",
     "TorchIndex",
     "make_index",
 ]
+
+#: FAISS's largest k (and nprobe) on the GPU without the cuVS backend.
+FAISS_GPU_MAX_K = 2048
 
 #: Names accepted by ``index=``.
 INDEX_BACKENDS = ("auto", "flat", "ivf", "hnsw", "torch")
@@ -210,12 +215,77 @@ class HNSWIndex(_FaissIndex):
         return super()._search(queries, k)
 
 
+def faiss_has_gpu() -> bool:
+    """Whether the installed FAISS was built with GPU support and sees at least one GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+_GPU_RESOURCES: Any = None
+
+
+def _gpu_resources() -> Any:
+    # One StandardGpuResources per process: each reserves temporary GPU memory, and FAISS
+    # reports sporadic errors when several are used concurrently.
+    global _GPU_RESOURCES
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return _GPU_RESOURCES
+
+
+class FaissGpuFlatIndex(EmbeddingIndex):
+    """Exact search with FAISS's GPU brute-force kNN directly on CUDA tensors.
+
+    The bank stays a torch tensor: no index copy, no add or remove. FAISS on the GPU selects at
+    most 2,048 candidates per query; larger ``k`` falls back to exact torch search for that call.
+    """
+
+    exact = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        if not faiss_has_gpu():
+            raise RuntimeError(
+                "this FAISS build has no GPU support or sees no GPU; install the FAISS GPU "
+                "wheel (the 'gpu' extra) or use index='torch'"
+            )
+        # Importing torch_utils lets faiss.knn_gpu take torch tensors on their own device and
+        # stream.
+        import faiss.contrib.torch_utils  # noqa: F401
+
+        self._embeddings: Tensor | None = None
+        self._fallback = TorchIndex()
+
+    def build(self, embeddings: Tensor) -> None:
+        self._embeddings = embeddings.detach()
+        self._fallback.build(self._embeddings)
+        self.num_rows = embeddings.shape[0]
+
+    def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        assert self._embeddings is not None
+        if k > FAISS_GPU_MAX_K:
+            return self._fallback._search(queries, k)
+        database = self._embeddings
+        if database.dtype not in (torch.float32, torch.float16):
+            database = database.float()
+        scores, rows = faiss.knn_gpu(
+            _gpu_resources(),
+            queries.to(database.dtype).contiguous(),
+            database.contiguous(),
+            k,
+            metric=faiss.METRIC_INNER_PRODUCT,
+            device=database.device.index or 0,
+        )
+        return scores.float(), rows
+
+
 def make_index(backend: str, device: torch.device, bank_size: int, **options: Any) -> EmbeddingIndex:
     """Return a new index of ``backend`` for a bank on ``device`` with ``bank_size`` entries.
 
-    ``"auto"`` picks ``"torch"`` for accelerator tensors (the CPU FAISS backends would copy the
-    bank to the host every build), ``"flat"`` for CPU banks below ``AUTO_IVF_MIN_SIZE`` entries
-    and ``"ivf"`` above. ``options`` go to the backend's constructor.
+    ``"auto"`` picks FAISS's GPU brute force for a CUDA bank when FAISS has GPU support, else
+    ``"torch"`` for accelerator tensors (the CPU FAISS backends would copy the bank to the host
+    every build), ``"flat"`` for CPU banks below ``AUTO_IVF_MIN_SIZE`` entries and ``"ivf"``
+    above. ``"flat"`` on a CUDA bank uses the GPU brute force. ``options`` go to the backend's
+    constructor.
 
     Raises:
         ValueError: for an unknown backend, or a FAISS CPU backend with a bank on an accelerator.
@@ -223,14 +293,26 @@ def make_index(backend: str, device: torch.device, bank_size: int, **options: An
     if backend not in INDEX_BACKENDS:
         raise ValueError(f"index must be one of {INDEX_BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if device.type == "cuda" and faiss_has_gpu():
+            return FaissGpuFlatIndex(**options)
+        if device.type == "cuda":
+            warnings.warn(
+                "FAISS has no GPU support here, so index='auto' searches the CUDA bank with "
+                "exact torch matmul; install the FAISS GPU wheel for faster search",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if device.type != "cpu":
             backend = "torch"
         else:
             backend = "ivf" if bank_size >= AUTO_IVF_MIN_SIZE else "flat"
+    if backend == "flat" and device.type == "cuda" and faiss_has_gpu():
+        return FaissGpuFlatIndex(**options)
     if backend in ("flat", "ivf", "hnsw") and device.type != "cpu":
         raise ValueError(
-            f"index={backend!r} runs FAISS on the CPU but the bank is on {device}; use "
-            "index='torch' or index='auto' for accelerator tensors"
+            f"index={backend!r} runs FAISS on the CPU but the bank is on {device} and this "
+            "FAISS has no GPU support; use index='torch' or index='auto', or install the FAISS "
+            "GPU wheel for index='flat'"
         )
     classes: dict[str, type[EmbeddingIndex]] = {
         "flat": FlatIndex,

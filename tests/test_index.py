@@ -4,7 +4,16 @@ import torch.nn.functional as F
 from conftest import clustered_lonlat, random_embeddings
 
 from annloss import MemoryBankSpatialLoss
-from annloss.index import AUTO_IVF_MIN_SIZE, FlatIndex, IVFIndex, TorchIndex, make_index
+from annloss.index import (
+    AUTO_IVF_MIN_SIZE,
+    FAISS_GPU_MAX_K,
+    FaissGpuFlatIndex,
+    FlatIndex,
+    IVFIndex,
+    TorchIndex,
+    faiss_has_gpu,
+    make_index,
+)
 
 
 def clustered_unit_vectors(num_rows: int, dim: int, *, seed: int) -> torch.Tensor:
@@ -78,6 +87,42 @@ def test_auto_picks_by_size_and_device():
     assert isinstance(make_index("auto", cpu, 1000), FlatIndex)
     assert isinstance(make_index("auto", cpu, AUTO_IVF_MIN_SIZE), IVFIndex)
     assert isinstance(make_index("auto", torch.device("meta"), 1000), TorchIndex)
+
+
+@pytest.mark.skipif(faiss_has_gpu(), reason="checks the fallback when FAISS has no GPU support")
+def test_auto_on_cuda_without_faiss_gpu_warns_and_uses_torch():
+    with pytest.warns(RuntimeWarning, match=r"FAISS has no GPU support here"):
+        index = make_index("auto", torch.device("cuda"), 1000)
+    assert isinstance(index, TorchIndex)
+    with pytest.raises(RuntimeError, match=r"no GPU support or sees no GPU"):
+        FaissGpuFlatIndex()
+
+
+GPU = pytest.mark.skipif(
+    not (torch.cuda.is_available() and faiss_has_gpu()), reason="needs CUDA and FAISS GPU"
+)
+
+
+@GPU
+@pytest.mark.parametrize("k", [10, FAISS_GPU_MAX_K + 1])
+def test_faiss_gpu_flat_matches_brute_force(k):
+    database = clustered_unit_vectors(6000, 32, seed=0)
+    index = make_index("auto", torch.device("cuda"), len(database))
+    assert isinstance(index, FaissGpuFlatIndex)
+    index.build(database.cuda())
+    _, rows = index.search(QUERIES.cuda(), k)
+    assert rows.device.type == "cuda"
+    assert recall(rows.cpu(), exact_top_k(QUERIES, database, k)) == 1.0
+
+
+@GPU
+def test_gpu_loss_matches_cpu_loss():
+    cpu = mined_loss(index="flat")
+    gpu = mined_loss(index="auto").cuda()
+    for embeddings, lonlat, ids in batches(5):
+        expected = cpu(embeddings, lonlat, ids).item()
+        value = gpu(embeddings.cuda(), lonlat.cuda(), ids.cuda()).item()
+        assert value == pytest.approx(expected, abs=1e-4)
 
 
 def test_faiss_backend_on_accelerator_raises():
