@@ -80,7 +80,10 @@ def check_ids(ids: Tensor | None, batch_size: int, device: torch.device) -> Tens
     if ids is None:
         return None
     if not isinstance(ids, Tensor):
-        raise TypeError(f"ids must be a torch.Tensor of shape (B,), got {type(ids).__name__}")
+        raise TypeError(
+            f"ids must be a torch.Tensor of shape (B,), got {type(ids).__name__}; "
+            "convert with torch.as_tensor(..., dtype=torch.int64)"
+        )
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
     if ids.ndim != 1 or ids.shape[0] != batch_size:

@@ -129,7 +129,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     After each call ``stats`` holds ``num_positive_pairs``, ``num_batch_positive_pairs``,
     ``num_bank_positive_pairs``, ``num_negative_pairs``, ``num_bank_negative_pairs``,
     ``num_filtered_negatives`` (mined candidates dropped for lying inside the negative radius),
-    ``bank_size``, ``used_bank``, ``mining_time_s`` (index build included) and
+    ``bank_size`` (entries before this call's batch was added), ``used_bank``, ``mining_time_s`` (index build included) and
     ``index_build_time_s`` (0 when the index was reused).
 
     Example:

@@ -94,7 +94,8 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     recall_axis.axhline(
         untrained["neighbour_recall_at_10"], color=colours["untrained"], ls="--", label="untrained"
     )
-    loss_axis.set(title=f"training loss (moving average of {window} steps)", xlabel="step")
+    loss_title = "training loss" if window == 1 else f"training loss (mean of {window} steps)"
+    loss_axis.set(title=loss_title, xlabel="step")
     recall_axis.set(title="held-out neighbour recall@10", xlabel="step")
     positives_axis.set(
         title="positive pairs per step", xlabel="step", ylabel="pairs within radius", yscale="log"
@@ -105,8 +106,8 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
 
     bar_metrics = (
         ("neighbour_recall_at_10", "neighbour recall@10 (higher is better)"),
-        ("spearman", "Spearman, embedding vs great-circle distance"),
-        ("median_nn_distance_km", "median km to embedding nearest neighbour (lower)"),
+        ("spearman", "Spearman, embedding vs great-circle distance (higher is better)"),
+        ("median_nn_distance_km", "km to embedding nearest neighbour, median (lower is better)"),
     )
     labels = [row["method"].replace(" ", "\n", 1) for row in rows]
     for axis, (key, title) in zip(axes[1], bar_metrics):
