@@ -106,8 +106,8 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
 
     bar_metrics = (
         ("neighbour_recall_at_10", "neighbour recall@10 (higher is better)"),
-        ("spearman", "Spearman, embedding vs great-circle distance (higher is better)"),
-        ("median_nn_distance_km", "km to embedding nearest neighbour, median (lower is better)"),
+        ("spearman", "Spearman correlation (higher is better)"),
+        ("median_nn_distance_km", "median km to nearest neighbour (lower is better)"),
     )
     labels = [row["method"].replace(" ", "\n", 1) for row in rows]
     for axis, (key, title) in zip(axes[1], bar_metrics):
