@@ -17,6 +17,13 @@ def check_positive(name: str, value: float) -> float:
     return float(value)
 
 
+def check_non_negative(name: str, value: float) -> float:
+    """Return ``value`` as a float, raising ``ValueError`` unless it is a number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_radii(distance_threshold: float, negative_threshold: float | None) -> tuple[float, float]:
     """Validate the positive radius and the negative radius that starts the negative region."""
     positive_radius = check_positive("distance_threshold", distance_threshold)

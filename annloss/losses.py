@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from annloss._checks import (
     check_embeddings,
+    check_non_negative,
     check_positive,
     check_radii,
     check_same_device,
@@ -206,11 +207,9 @@ class SpatialTripletLoss(_SpatialPairLoss):
             metric=metric,
             coordinate_order=coordinate_order,
         )
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
-            raise ValueError(f"margin must be a number >= 0, got {margin!r}")
         if reduction not in ("nonzero_mean", "mean"):
             raise ValueError(f"reduction must be 'nonzero_mean' or 'mean', got {reduction!r}")
-        self.margin = float(margin)
+        self.margin = check_non_negative("margin", margin)
         self.reduction = reduction
 
     def forward(self, embeddings: Tensor, coordinates: Tensor) -> Tensor:

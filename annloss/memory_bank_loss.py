@@ -10,7 +10,7 @@ import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch import Tensor
 
-from annloss._checks import check_ids, check_positive, check_same_device
+from annloss._checks import check_ids, check_non_negative, check_positive, check_same_device
 from annloss.coordinates import (
     paired_distance,
 )
@@ -53,11 +53,12 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
        :class:`~annloss.SpatialContrastiveLoss` (positives below ``distance_threshold``,
        negatives from ``negative_threshold``);
     2. bank positives: up to ``max_positives`` bank entries within ``distance_threshold`` of the
-       anchor, the spatially nearest first, found by exact distance computation;
+       anchor, the spatially nearest first, found exactly (``positive_index``);
     3. bank hard negatives: the ``num_negatives`` bank entries most similar to the anchor (cosine)
-       among those at least ``negative_threshold`` away, found by exact inner-product search
-       (FAISS on the CPU). Candidates inside the negative radius are false negatives and are
-       dropped; the search widens until ``num_negatives`` remain or the bank is exhausted.
+       among those at least ``negative_threshold`` away, found through an inner-product index
+       (``index``), exact or approximate. Candidates inside the negative radius are false
+       negatives and are dropped; the search widens until ``num_negatives`` remain or the
+       index is exhausted.
 
     A bank entry with the anchor's own id is never used, so an entity is not paired with its own
     stale copy. Bank entries are constants: the gradient flows only through the batch. The loss
@@ -71,8 +72,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
 
     Order of operations (the MoCo order): the batch is scored against the bank as it was before
     the call, then, in training mode only, the batch enters the bank as L2-normalised, detached
-    embeddings. While the bank holds fewer than ``min_bank_size`` entries nothing is mined and
-    the result equals the in-batch loss exactly.
+    embeddings. While the bank holds fewer than ``min_bank_size`` entries, or during the first
+    ``warmup_steps`` steps, nothing is mined and the result equals the in-batch loss exactly.
 
     Args:
         embedding_dim: width ``D`` of the embeddings (for GeoLM-style ``[geo, nl]`` vectors, the
@@ -186,11 +187,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             )
         if index not in INDEX_BACKENDS:
             raise ValueError(f"index must be one of {INDEX_BACKENDS}, got {index!r}")
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
-            raise ValueError(f"margin must be a number >= 0, got {margin!r}")
         self.loss = loss
         self.temperature = check_positive("temperature", temperature)
-        self.margin = float(margin)
+        self.margin = check_non_negative("margin", margin)
         self.num_negatives = _check_count("num_negatives", num_negatives, 1)
         self.max_positives = _check_count("max_positives", max_positives, 0)
         self.min_bank_size = _check_count(

@@ -236,12 +236,26 @@ def test_table_prints_missing_time_as_dash():
 
 @pytest.mark.parametrize(
     "arguments",
-    [["demo", "--steps", "0"], ["demo", "--batch-size", "x"], ["demo", "--seed", "-1"], []],
+    [
+        ["demo", "--steps", "0"],
+        ["demo", "--batch-size", "x"],
+        ["demo", "--seed", "-1"],
+        ["demo", "--radius-km", "0"],
+        ["demo", "--radius-km", "inf"],
+        [],
+    ],
 )
 def test_cli_rejects_bad_arguments(arguments):
     with pytest.raises(SystemExit) as raised:
         main(arguments)
     assert raised.value.code == 2
+
+
+def test_cli_radius_reaches_config():
+    from annloss.cli import _demo_config, build_parser
+
+    arguments = build_parser().parse_args(["demo", "--quick", "--radius-km", "25"])
+    assert _demo_config(arguments).distance_threshold_km == 25.0
 
 
 def test_cli_rejects_bad_device(capsys):
