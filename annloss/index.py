@@ -93,8 +93,9 @@ class EmbeddingIndex(ABC):
 class TorchIndex(EmbeddingIndex):
     """Exact search by chunked matrix product and ``torch.topk``, on any device.
 
-    It keeps a reference to the snapshot tensor instead of a copy, so callers must not modify
-    the snapshot in place before the next build; the bank passes a fresh copy or an unchanged view.
+    It keeps a reference to the given tensor, not a copy. Writes to that tensor before the next
+    build therefore show in later searches, and the memory-bank loss filters out the slots
+    overwritten since the build.
     """
 
     exact = True
@@ -154,7 +155,7 @@ class IVFIndex(_FaissIndex):
 
     Args:
         nlist: number of k-means cells. Default: ``4 * sqrt(M)``, at most ``M / 39`` so that
-            k-means has about 39 training points per cell (the minimum FAISS asks for). FAISS
+            k-means has about 39 training points per cell (the minimum FAISS recommends). FAISS
             trains on at most 256 points per cell, sampled from the snapshot.
         nprobe: cells visited per query. Default: 32. Higher is slower and more exact.
     """
@@ -216,7 +217,7 @@ class HNSWIndex(_FaissIndex):
 
 
 def faiss_has_gpu() -> bool:
-    """Whether the installed FAISS was built with GPU support and sees at least one GPU."""
+    """Whether the installed FAISS was built with GPU support and detects at least one GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 

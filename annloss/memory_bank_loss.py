@@ -72,7 +72,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
 
     Order of operations (the MoCo order): the batch is scored against the bank as it was before
     the call, then, in training mode only, the batch enters the bank as L2-normalised, detached
-    embeddings. While the bank holds fewer than ``min_bank_size`` entries, or during the first
+    embeddings. While the bank contains fewer than ``min_bank_size`` entries, or during the first
     ``warmup_steps`` steps, nothing is mined and the result equals the in-batch loss exactly.
 
     Args:
@@ -384,9 +384,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     def _mine_positives(self, coordinates: Tensor, ids: Tensor | None, bank_size: int) -> Tensor:
         """Return ``(B, P)`` bank slots within the positive radius, nearest first, ``-1`` padded.
 
-        With ``positive_index="balltree"`` the tree covers the snapshot, minus slots overwritten
-        since, and an exact scan covers the rows written since; so the result is exact whatever
-        ``refresh_every`` is.
+        With ``positive_index="balltree"`` the tree covers the snapshot minus the slots
+        overwritten since, and an exact scan covers the rows written since. The result is
+        therefore exact whatever ``refresh_every`` is.
         """
         radius = self.distance_threshold
         options = {"metric": self.metric, "coordinate_order": self.coordinate_order}
