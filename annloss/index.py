@@ -58,9 +58,15 @@ class EmbeddingIndex(ABC):
     """
 
     exact: bool = False
+    #: Whether :meth:`update` can replace rows without a rebuild.
+    supports_update: bool = False
 
     def __init__(self) -> None:
         self.num_rows = 0
+
+    def update(self, rows: Tensor, embeddings: Tensor) -> None:
+        """Replace (or append) ``rows`` of the snapshot with ``(len(rows), D)`` ``embeddings``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot update rows; rebuild it instead")
 
     @abstractmethod
     def build(self, embeddings: Tensor) -> None:
@@ -160,6 +166,8 @@ class IVFIndex(_FaissIndex):
         nprobe: cells visited per query. Default: 32. Higher is slower and more exact.
     """
 
+    supports_update = True
+
     def __init__(self, nlist: int | None = None, nprobe: int = 32) -> None:
         super().__init__()
         if nlist is not None and nlist < 1:
@@ -180,10 +188,24 @@ class IVFIndex(_FaissIndex):
         index.train(data)
         index.add(data)
         index.nprobe = min(self.nprobe, nlist)
+        # A hash-table direct map makes removing a row by id cost O(1) instead of a scan of
+        # every inverted list.
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
         # The IVF index keeps only a raw pointer to its quantizer; this reference keeps it alive.
         self._quantizer = quantizer
         self._index = index
         self.num_rows = size
+
+    def update(self, rows: Tensor, embeddings: Tensor) -> None:
+        """Replace ``rows`` in place: remove their old vectors and add the new ones.
+
+        The k-means cells stay those of the last build, so assignments degrade slowly as the
+        embeddings drift; a periodic rebuild retrains them.
+        """
+        ids = rows.detach().cpu().numpy().astype(np.int64)
+        self._index.remove_ids(ids[ids < self.num_rows])
+        self._index.add_with_ids(_as_float32_numpy(embeddings), ids)
+        self.num_rows = max(self.num_rows, int(ids.max()) + 1) if ids.size else self.num_rows
 
 
 class HNSWIndex(_FaissIndex):

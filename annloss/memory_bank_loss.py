@@ -120,6 +120,10 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             the first entries come from a model that has started to learn. Default: 0.
         max_age: entries written more than this many steps ago are not mined. Default: None
             (any age).
+        incremental: with ``index="ivf"``, apply every bank write to the index at once
+            (remove the overwritten rows, add the new ones), so negatives are mined from the
+            whole current bank; ``refresh_every`` then only sets how often the k-means cells
+            are retrained. Default: False.
 
     Shape:
         - embeddings: ``(B, D)``; float16 and bfloat16 are scored in float32.
@@ -170,6 +174,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         audit_sample: int = 32,
         warmup_steps: int = 0,
         max_age: int | None = None,
+        incremental: bool = False,
     ) -> None:
         super().__init__(
             distance_threshold=distance_threshold,
@@ -207,10 +212,18 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         self.audit_sample = _check_count("audit_sample", audit_sample, 1)
         self.warmup_steps = _check_count("warmup_steps", warmup_steps, 0)
         self.max_age = None if max_age is None else _check_count("max_age", max_age, 0)
+        if incremental and index != "ivf":
+            raise ValueError(
+                f"incremental=True needs index='ivf', the backend that can replace rows in "
+                f"place, got index={index!r}; the exact backends are cheap to rebuild every step"
+            )
+        self.incremental = bool(incremental)
         self._index: EmbeddingIndex | None = None
         self._tree: BallTreeRadiusIndex | None = None
-        # (step, bank pointer, bank rows added) when the index snapshot was taken.
+        # (step of the last build, bank pointer, bank rows added) that the index reflects.
         self._index_state = (0, 0, 0)
+        # (bank pointer, bank rows added) when the BallTree was built.
+        self._tree_state = (0, 0)
         self._index_build_time_s = 0.0
         # A loaded state replaces the bank, so the snapshot must be rebuilt.
         self.register_load_state_dict_post_hook(_drop_index_after_load)
@@ -300,7 +313,12 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             1000 * mining_time_s,
         )
         if self.training:
-            self.bank.add(unit.detach(), coordinates, ids, step=int(self.step))
+            written = self.bank.add(unit.detach(), coordinates, ids, step=int(self.step))
+            if self.incremental and self._index is not None:
+                self._index.update(written, self.bank.embeddings[written])
+                self._index_state = (
+                    self._index_state[0], int(self.bank.pointer), int(self.bank.num_added)
+                )
             self.step += 1
         return loss
 
@@ -399,8 +417,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             tree = self._refresh_snapshot(bank_size)[1]
             assert tree is not None
             rows, slots, distance = tree.query(coordinates, radius)
-            current = ~self.bank.overwritten_since(*self._index_state[1:], slots)
-            recent = self.bank.slots_written_since(*self._index_state[1:])
+            current = ~self.bank.overwritten_since(*self._tree_state, slots)
+            recent = self.bank.slots_written_since(*self._tree_state)
             recent_rows, recent_slots, recent_distance = exact_radius_candidates(
                 coordinates, self.bank.coordinates[recent], recent, radius, **options
             )
@@ -466,6 +484,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             if self.positive_index == "balltree":
                 self._tree = BallTreeRadiusIndex(self.metric, self.coordinate_order)
                 self._tree.build(self.bank.coordinates[:bank_size])
+                self._tree_state = (int(self.bank.pointer), int(self.bank.num_added))
             self._index_state = (step, int(self.bank.pointer), int(self.bank.num_added))
             self._index_build_time_s = time.perf_counter() - started
         return self._index, self._tree

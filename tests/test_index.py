@@ -221,3 +221,29 @@ def test_audit_off_reports_none():
     for batch in batches(3):
         criterion(*batch)
     assert criterion.stats["audit_negative_recall"] is None
+
+
+def test_incremental_ivf_tracks_ring_buffer_exactly():
+    # One cell probed fully makes IVF exact, so any drift from the bank shows as a difference
+    # to the flat index rebuilt every step. The IVF index is never rebuilt after the first step.
+    flat = mined_loss(index="flat")
+    incremental = mined_loss(
+        index="ivf",
+        index_options={"nlist": 1, "nprobe": 1},
+        incremental=True,
+        refresh_every=1000,
+        audit_every=1,
+        audit_sample=24,
+    )
+    for batch in batches(9):
+        expected = flat(*batch).item()
+        assert incremental(*batch).item() == pytest.approx(expected, abs=1e-5)
+    assert incremental._index_state[0] == 1
+    assert incremental.stats["audit_negative_recall"] == 1.0
+    # Nine batches of 24 rows wrapped the 64-slot bank three times.
+    assert int(incremental.bank.num_added) == 216
+
+
+def test_incremental_needs_ivf():
+    with pytest.raises(ValueError, match=r"incremental=True needs index='ivf'.*got index='flat'"):
+        mined_loss(index="flat", incremental=True)
