@@ -126,6 +126,15 @@ def main() -> None:
                         help="timed steps of the exact dense baseline")
     parser.add_argument("--refresh-every", type=int, default=10,
                         help="index refresh period, in steps, of the refreshed variants")
+    parser.add_argument("--retrain-every", type=int, default=1000,
+                        help="k-means retraining period, in steps, of the incremental IVF variant")
+    parser.add_argument("--nlist", type=int, default=None,
+                        help="IVF cells; default 4 * sqrt(M), trained on 256 points per cell. "
+                        "When set, k-means trains on 64 points per cell")
+    parser.add_argument("--variants", nargs="+", default=["flat-exact", "flat-balltree",
+                        "flat-refresh", "ivf-refresh", "ivf-incremental", "hnsw-refresh"],
+                        help="memory-bank variants to time; the first one is the exact reference "
+                        "for negative recall")
     parser.add_argument("--threads", type=int, default=2, help="torch and FAISS threads")
     parser.add_argument("--output", default=None, help="optional JSON file for the results")
     args = parser.parse_args()
@@ -148,16 +157,24 @@ def main() -> None:
     in_batch_s = time_steps(in_batch, make_batch, args.steps, with_ids=False)
     rows.append({"variant": "in-batch SpatialContrastiveLoss", "bank_size": 0, "step_s": in_batch_s})
 
-    variants = [
-        ("flat, exact positives", {"index": "flat", "positive_index": "exact"}),
-        ("flat, BallTree positives", {"index": "flat", "positive_index": "balltree"}),
-        (f"flat, BallTree, refresh {args.refresh_every}",
-         {"index": "flat", "positive_index": "balltree", "refresh_every": args.refresh_every}),
-        (f"IVF, BallTree, refresh {args.refresh_every}",
-         {"index": "ivf", "positive_index": "balltree", "refresh_every": args.refresh_every}),
-        (f"HNSW, BallTree, refresh {args.refresh_every}",
-         {"index": "hnsw", "positive_index": "balltree", "refresh_every": args.refresh_every}),
-    ]
+    refresh = args.refresh_every
+    ivf_options = {"nlist": args.nlist, "training_points_per_cell": 64} if args.nlist else {}
+    all_variants = {
+        "flat-exact": ("flat, exact positives", {"index": "flat", "positive_index": "exact"}),
+        "flat-balltree": ("flat, BallTree positives",
+                          {"index": "flat", "positive_index": "balltree"}),
+        "flat-refresh": (f"flat, BallTree, refresh {refresh}",
+                         {"index": "flat", "positive_index": "balltree", "refresh_every": refresh}),
+        "ivf-refresh": (f"IVF, BallTree, refresh {refresh}",
+                        {"index": "ivf", "positive_index": "balltree", "refresh_every": refresh,
+                         "index_options": ivf_options}),
+        "ivf-incremental": (f"IVF incremental, BallTree, retrain every {args.retrain_every}",
+                            {"index": "ivf", "positive_index": "balltree", "incremental": True,
+                             "refresh_every": args.retrain_every, "index_options": ivf_options}),
+        "hnsw-refresh": (f"HNSW, BallTree, refresh {refresh}",
+                         {"index": "hnsw", "positive_index": "balltree", "refresh_every": refresh}),
+    }
+    variants = [all_variants[name] for name in args.variants]
     probe = make_batch()
     for bank_size in tqdm(args.bank_sizes, desc="bank sizes"):
         bank_index = torch.randint(len(lonlat), (bank_size,), generator=generator)
