@@ -120,6 +120,11 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             the first entries come from a model that has started to learn. Default: 0.
         max_age: entries written more than this many steps ago are not mined. Default: None
             (any age).
+        k_fetch: candidates fetched per anchor in the first negative search, ``>=
+            num_negatives``. Candidates inside the negative radius are dropped, and anchors left
+            with fewer than ``num_negatives`` are searched again with four times as many. The
+            flat and IVF searches scan the same vectors whatever ``k`` is, so a larger first
+            fetch saves repeated searches. Default: ``8 * num_negatives``.
         incremental: with ``index="ivf"``, apply every bank write to the index at once
             (remove the overwritten rows, add the new ones), so negatives are mined from the
             whole current bank; ``refresh_every`` then only sets how often the k-means cells
@@ -175,6 +180,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         warmup_steps: int = 0,
         max_age: int | None = None,
         incremental: bool = False,
+        k_fetch: int | None = None,
     ) -> None:
         super().__init__(
             distance_threshold=distance_threshold,
@@ -218,6 +224,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
                 f"place, got index={index!r}; the exact backends are cheap to rebuild every step"
             )
         self.incremental = bool(incremental)
+        self.k_fetch = _check_count(
+            "k_fetch", 8 * self.num_negatives if k_fetch is None else k_fetch, self.num_negatives
+        )
         self._index: EmbeddingIndex | None = None
         self._tree: BallTreeRadiusIndex | None = None
         # (step of the last build, bank pointer, bank rows added) that the index reflects.
@@ -522,7 +531,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         k = self.num_negatives
         result = torch.full((batch_size, k), -1, dtype=torch.int64, device=unit.device)
         rows = torch.arange(batch_size, device=unit.device)
-        fetch = min(snapshot_rows, 2 * k)
+        fetch = min(snapshot_rows, self.k_fetch)
         num_filtered = 0
 
         while rows.numel() > 0:

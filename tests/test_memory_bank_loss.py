@@ -20,6 +20,9 @@ def make_criterion(**overrides) -> MemoryBankSpatialLoss:
         "negative_threshold": BAND_KM,
         "memory_size": 40,
         "num_negatives": 5,
+        # A first fetch of exactly num_negatives makes most anchors go through the wider
+        # repeated searches.
+        "k_fetch": 5,
         "max_positives": 64,
         "temperature": 0.2,
         "bank_dtype": torch.float64,
@@ -191,7 +194,9 @@ def test_false_negatives_are_filtered_and_counted():
     far = torch.stack([torch.full((10,), 90.0), torch.linspace(-5, 5, 10)], dim=1).double()
     far_embeddings = random_embeddings(10, DIM, seed=11)
 
-    criterion = make_criterion(distance_threshold=50.0, negative_threshold=100.0, num_negatives=3)
+    criterion = make_criterion(
+        distance_threshold=50.0, negative_threshold=100.0, num_negatives=3, k_fetch=3
+    )
     criterion.bank.add(anchor.repeat(10, 1), near, torch.arange(10, 20))
     criterion.bank.add(F.normalize(far_embeddings, dim=1), far, torch.arange(20, 30))
 
@@ -329,6 +334,7 @@ def test_invalid_inputs_raise():
         ({"num_negatives": 0}, r"num_negatives must be an integer >= 1, got 0"),
         ({"memory_size": 0}, r"memory_size must be an integer >= 1, got 0"),
         ({"margin": -1.0}, r"margin must be a number >= 0"),
+        ({"k_fetch": 4}, r"k_fetch must be an integer >= 5, got 4"),
     ],
 )
 def test_invalid_arguments_raise(overrides, message):
