@@ -274,14 +274,15 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             negative_slots, num_filtered = self._mine_negatives(
                 unit.detach(), coordinates, ids, bank_size
             )
-            if self.audit_every and int(self.step) % self.audit_every == 0:
-                audit_recall = self._audit(unit.detach(), coordinates, ids, bank_size,
-                                           negative_slots)
         else:
             positive_slots = torch.full((unit.shape[0], 0), -1, device=unit.device)
             negative_slots = positive_slots
             num_filtered = 0
         mining_time_s = time.perf_counter() - started
+        if used_bank and self.audit_every and int(self.step) % self.audit_every == 0:
+            audit_recall = self._audit(
+                unit.detach(), coordinates, ids, bank_size, negative_slots
+            )
 
         similarity, positive_mask, negative_mask = self._assemble(
             unit, batch_positive, batch_negative, positive_slots, negative_slots
