@@ -249,7 +249,7 @@ class HNSWIndex(_FaissIndex):
 
 
 def faiss_has_gpu() -> bool:
-    """Whether the installed FAISS was built with GPU support and detects at least one GPU."""
+    """Return whether the installed FAISS has GPU support and detects at least one GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 

@@ -81,7 +81,7 @@ class MemoryBank(nn.Module):
 
     @property
     def is_full(self) -> bool:
-        """Whether every slot holds an entry."""
+        """Whether every slot contains an entry."""
         return int(self.size) == self.capacity
 
     @torch.no_grad()
@@ -156,7 +156,7 @@ class MemoryBank(nn.Module):
     def overwritten_since(self, pointer: int, num_added: int, slots: Tensor) -> Tensor:
         """Mask of ``slots`` written after the bank had ``num_added`` rows and this ``pointer``.
 
-        Used to recognise entries of an index snapshot whose slot now holds another entry.
+        Used to recognise entries of an index snapshot whose slot now contains another entry.
         """
         written = int(self.num_added) - num_added
         if written >= self.capacity:

@@ -89,8 +89,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             ``indices_tuple`` without labels (for example ``NTXentLoss``, ``SupConLoss``,
             ``TripletMarginLoss``, ``ContrastiveLoss``). A PML loss receives the L2-normalised
             batch as embeddings, the batch followed by the mined bank entries as ``ref_emb``,
-            and the spatial pairs as ``indices_tuple``; its memory cost is its own (NTXentLoss
-            builds a positive-pairs x negative-pairs matrix). Default: ``"infonce"``.
+            and the spatial pairs as ``indices_tuple``. Its memory cost is its own: NTXentLoss
+            builds a positive-pairs x negative-pairs matrix. Default: ``"infonce"``.
         temperature: InfoNCE temperature :math:`\tau > 0`. Default: 0.1.
         margin: triplet margin :math:`m \ge 0` in unit-embedding distance. Default: 1.0.
         metric: ``"haversine"`` or ``"euclidean"``. Default: ``"haversine"``.
@@ -198,6 +198,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             )
         if index not in INDEX_BACKENDS:
             raise ValueError(f"index must be one of {INDEX_BACKENDS}, got {index!r}")
+
         self.loss = loss
         self.temperature = check_positive("temperature", temperature)
         self.margin = check_non_negative("margin", margin)
@@ -206,6 +207,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         self.min_bank_size = _check_count(
             "min_bank_size", num_negatives if min_bank_size is None else min_bank_size, 1
         )
+
         self.index = index
         self.index_options = dict(index_options or {})
         self.refresh_every = _check_count("refresh_every", refresh_every, 1)
@@ -214,6 +216,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
                 f"positive_index must be 'exact' or 'balltree', got {positive_index!r}"
             )
         self.positive_index = positive_index
+
         self.audit_every = _check_count("audit_every", audit_every, 0)
         self.audit_sample = _check_count("audit_sample", audit_sample, 1)
         self.warmup_steps = _check_count("warmup_steps", warmup_steps, 0)
@@ -227,6 +230,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         self.k_fetch = _check_count(
             "k_fetch", 8 * self.num_negatives if k_fetch is None else k_fetch, self.num_negatives
         )
+
         self._index: EmbeddingIndex | None = None
         self._tree: BallTreeRadiusIndex | None = None
         # (step of the last build, bank pointer, bank rows added) that the index reflects.
@@ -236,6 +240,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         self._index_build_time_s = 0.0
         # A loaded state replaces the bank, so the snapshot must be rebuilt.
         self.register_load_state_dict_post_hook(_drop_index_after_load)
+
         self.bank = MemoryBank(
             _check_count("memory_size", memory_size, 1),
             _check_count("embedding_dim", embedding_dim, 1),
@@ -511,9 +516,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     ) -> tuple[Tensor, int]:
         """Return ``(B, K)`` hard-negative slots, most similar first, ``-1`` padded.
 
-        Candidates come from the inner-product index over the bank snapshot; those inside the
-        negative radius, with the anchor's id, or in slots overwritten since the snapshot are
-        dropped. Rows left with fewer than ``K`` survivors are searched again with four times
+        Candidates come from the inner-product index over the bank snapshot. Candidates inside
+        the negative radius, with the anchor's id, or in slots overwritten since the snapshot
+        are dropped. Rows left with fewer than ``K`` survivors are searched again with four times
         as many candidates, until the whole snapshot has been examined. With ``exact=True`` a
         fresh exact index over the current bank replaces the snapshot, which the mining audit
         uses as ground truth.

@@ -24,7 +24,7 @@ __all__ = ["BallTreeRadiusIndex", "exact_radius_candidates", "nearest_per_row"]
 
 # Reference columns scanned at once by the exact search; bounds its (B, chunk) temporaries.
 _SCAN_CHUNK = 65_536
-# Anchors per BallTree radius query; scikit-learn builds all result arrays of a query at once,
+# Anchors per BallTree radius query. scikit-learn builds all result arrays of a query at once,
 # so chunking bounds memory when many anchors sit in dense regions.
 _TREE_QUERY_CHUNK = 1024
 

@@ -90,7 +90,7 @@ def test_auto_picks_by_size_and_device():
 
 
 @pytest.mark.skipif(faiss_has_gpu(), reason="checks the fallback when FAISS has no GPU support")
-def test_auto_on_cuda_without_faiss_gpu_warns_and_uses_torch():
+def test_auto_cuda_without_faiss_gpu():
     with pytest.warns(RuntimeWarning, match=r"FAISS has no GPU support here"):
         index = make_index("auto", torch.device("cuda"), 1000)
     assert isinstance(index, TorchIndex)
