@@ -268,6 +268,8 @@ def _gpu_resources() -> Any:
 class FaissGpuFlatIndex(EmbeddingIndex):
     """Exact search with FAISS's GPU brute-force kNN directly on CUDA tensors.
 
+    NOTE: this path has not yet run on a GPU; its tests skip without CUDA and FAISS GPU support.
+
     The bank stays a torch tensor: no index copy, no add or remove. FAISS on the GPU selects at
     most 2,048 candidates per query; larger ``k`` falls back to exact torch search for that call.
     """
