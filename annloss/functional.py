@@ -2,8 +2,8 @@
 
 Every function here takes dense ``(A, N)`` matrices: row ``a`` is an anchor, column ``j`` one of
 its reference candidates (batch rows, or entries mined from a memory bank), and two boolean masks
-say which references are positives and which negatives. Memory is O(A x N); no function ever
-materialises a (positive pairs x negative pairs) or (anchor x positive x negative) tensor.
+mark which references are positives and which negatives. Memory is O(A x N), and no function
+ever materialises a (positive pairs x negative pairs) or (anchor x positive x negative) tensor.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def info_nce_from_masks(
                      - s_{ap}/\tau\Big)
 
     The loss is the mean of :math:`\ell` over all positive pairs of anchors that have at least
-    one positive and one negative; other anchors are skipped. Other positives of the same anchor
+    one positive and one negative. Other anchors are skipped. Other positives of the same anchor
     are not in the denominator (the NT-Xent convention of pytorch-metric-learning).
 
     Args:

@@ -316,10 +316,10 @@ class FaissGpuFlatIndex(EmbeddingIndex):
 def make_index(backend: str, device: torch.device, bank_size: int, **options: Any) -> EmbeddingIndex:
     """Return a new index of ``backend`` for a bank on ``device`` with ``bank_size`` entries.
 
-    ``"auto"`` picks FAISS's GPU brute force for a CUDA bank when FAISS has GPU support, else
-    ``"torch"`` for accelerator tensors (the CPU FAISS backends would copy the bank to the host
-    every build), ``"flat"`` for CPU banks below ``AUTO_IVF_MIN_SIZE`` entries and ``"ivf"``
-    above. ``"flat"`` on a CUDA bank uses the GPU brute force. ``options`` go to the backend's
+    ``"auto"`` picks FAISS's GPU brute force for a CUDA bank when FAISS has GPU support. Other
+    accelerator banks get ``"torch"``, because the CPU FAISS backends would copy the bank to the
+    host at every build. CPU banks get ``"flat"`` below ``AUTO_IVF_MIN_SIZE`` entries and
+    ``"ivf"`` from there on. ``"flat"`` on a CUDA bank uses the GPU brute force. ``options`` go to the backend's
     constructor.
 
     Raises:

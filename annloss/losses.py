@@ -89,7 +89,7 @@ class SpatialContrastiveLoss(_SpatialPairLoss):
 
     Two places of a batch form a positive pair when their spatial distance is below
     ``distance_threshold`` and a negative pair when it is at least ``negative_threshold``
-    (equal to ``distance_threshold`` unless an ignore band is wanted). For each positive pair
+    (equal to ``distance_threshold`` unless an ignore band is requested). For each positive pair
     :math:`(a, p)`, with cosine similarity :math:`s` and temperature :math:`\tau`:
 
     .. math::
@@ -115,7 +115,7 @@ class SpatialContrastiveLoss(_SpatialPairLoss):
         - coordinates: ``(B, 2)`` degrees in ``coordinate_order`` (or projected units).
         - output: scalar.
 
-    After each call, ``stats`` holds ``num_positive_pairs`` and ``num_negative_pairs``.
+    After each call, ``stats`` contains ``num_positive_pairs`` and ``num_negative_pairs``.
 
     Example:
         >>> import torch
@@ -188,7 +188,7 @@ class SpatialTripletLoss(_SpatialPairLoss):
     Shape:
         - embeddings: ``(B, D)``; coordinates: ``(B, 2)``; output: scalar.
 
-    After each call, ``stats`` holds ``num_triplets`` and ``num_active_triplets``.
+    After each call, ``stats`` contains ``num_triplets`` and ``num_active_triplets``.
     """
 
     def __init__(

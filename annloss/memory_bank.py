@@ -125,16 +125,17 @@ class MemoryBank(nn.Module):
             return torch.empty(0, dtype=torch.int64, device=self.embeddings.device)
 
         # Rows that a later row of the same batch would overwrite are skipped up front.
-        kept = min(batch_size, self.capacity)
-        first_slot = int(self.pointer) + batch_size - kept
-        slots = (first_slot + torch.arange(kept, device=self.embeddings.device)) % self.capacity
+        num_written = min(batch_size, self.capacity)
+        first_slot = int(self.pointer) + batch_size - num_written
+        offsets = torch.arange(num_written, device=self.embeddings.device)
+        slots = (first_slot + offsets) % self.capacity
 
-        self.embeddings[slots] = embeddings[-kept:].detach().to(self.embeddings.dtype)
-        self.coordinates[slots] = coordinates[-kept:].detach().to(torch.float64)
+        self.embeddings[slots] = embeddings[-num_written:].detach().to(self.embeddings.dtype)
+        self.coordinates[slots] = coordinates[-num_written:].detach().to(torch.float64)
         if ids is None:
             self.ids[slots] = NO_ID
         else:
-            self.ids[slots] = ids[-kept:].to(torch.int64)
+            self.ids[slots] = ids[-num_written:].to(torch.int64)
         self.steps[slots] = int(step)
 
         self.pointer.fill_((int(self.pointer) + batch_size) % self.capacity)

@@ -97,11 +97,13 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         coordinate_order: ``"lonlat"`` or ``"latlon"``. Default: ``"lonlat"``.
         min_bank_size: bank entries needed before mining starts. Default: ``num_negatives``.
         bank_dtype: storage dtype of bank embeddings. Default: float32.
-        index: inner-product index for hard negatives: ``"flat"`` (exact, FAISS
-            ``IndexFlatIP``), ``"ivf"`` (FAISS ``IndexIVFFlat``, approximate), ``"hnsw"`` (FAISS
-            ``IndexHNSWFlat``, approximate), ``"torch"`` (exact matmul + topk, any device) or
-            ``"auto"`` (``"torch"`` on accelerators; on the CPU ``"flat"`` below 262,144
-            entries and ``"ivf"`` above). Default: ``"auto"``.
+        index: inner-product index for hard negatives. ``"flat"`` is exact (FAISS
+            ``IndexFlatIP``, or FAISS's GPU brute force for a CUDA bank). ``"ivf"`` (FAISS
+            ``IndexIVFFlat``) and ``"hnsw"`` (FAISS ``IndexHNSWFlat``) are approximate.
+            ``"torch"`` is exact matmul + topk on any device. ``"auto"`` picks the GPU brute force
+            for a CUDA bank when FAISS has GPU support, ``"torch"`` on other accelerators, and on
+            the CPU ``"flat"`` below 262,144 entries and ``"ivf"`` from there on.
+            Default: ``"auto"``.
         index_options: keyword arguments of the index class, e.g. ``{"nprobe": 64}`` for IVF
             or ``{"ef_search": 256}`` for HNSW. Default: none.
         refresh_every: rebuild the mining indexes every this many training steps. Between
@@ -475,9 +477,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             exact=True,
         )
         found = negative_slots[sample]
-        wanted = expected >= 0
-        hits = (expected[:, :, None] == found[:, None, :]).any(dim=2) & wanted
-        return float(hits.sum()) / max(int(wanted.sum()), 1)
+        expected_filled = expected >= 0
+        hits = (expected[:, :, None] == found[:, None, :]).any(dim=2) & expected_filled
+        return float(hits.sum()) / max(int(expected_filled.sum()), 1)
 
     def _refresh_snapshot(
         self, bank_size: int
@@ -561,17 +563,17 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
                 accepted &= self._fresh_slots(slots)
 
             rank = torch.cumsum(accepted.to(torch.int64), dim=1)
-            taken = accepted & (rank <= k)
-            count = taken.sum(dim=1)
+            selected = accepted & (rank <= k)
+            count = selected.sum(dim=1)
             done = (count == k) | (fetch >= snapshot_rows)
 
-            # Candidates examined per row: up to the last taken one, or all when too few remain.
+            # Candidates examined per row: up to the last selected one, or all when too few remain.
             examined = torch.where(count == k, (rank < k).sum(dim=1) + 1, slots.shape[1])
             position = torch.arange(slots.shape[1], device=unit.device)
             counted = too_close & (position[None, :] < examined[:, None]) & done[:, None]
             num_filtered += int(counted.sum())
 
-            keep_rows = taken & done[:, None]
+            keep_rows = selected & done[:, None]
             row_index = rows[:, None].expand_as(slots)[keep_rows]
             result[row_index, (rank - 1)[keep_rows]] = slots[keep_rows]
 

@@ -178,6 +178,6 @@ def nearest_per_row(
     counts = torch.bincount(rows, minlength=num_rows)
     row_start = torch.cumsum(counts, 0) - counts
     rank = torch.arange(rows.numel(), device=rows.device) - row_start[rows]
-    kept = rank < k
-    result[rows[kept], rank[kept]] = slots[kept]
+    within_k = rank < k
+    result[rows[within_k], rank[within_k]] = slots[within_k]
     return result

@@ -64,8 +64,8 @@ class DenseBankInfoNCE(torch.nn.Module):
         # Two products instead of one over a concatenated reference set, so the bank is never
         # copied into the autograd graph.
         similarity = torch.cat([unit @ unit.T, unit @ self.bank_embeddings.T], dim=1)
-        # Central-angle cosines from one matrix product; a pair is positive when its angle is
-        # below the radius's, exactly as the great-circle test but without per-pair trigonometry.
+        # Central-angle cosines come from one matrix product. A pair is positive when its angle
+        # is below the radius's, which matches the great-circle test without per-pair trigonometry.
         anchor_vectors = unit_vectors(lonlat)
         cosine = torch.cat(
             [anchor_vectors @ anchor_vectors.T, anchor_vectors @ self.bank_vectors.T], dim=1
@@ -91,9 +91,9 @@ def overlap(found: torch.Tensor, expected: torch.Tensor) -> float:
     """Mean fraction of each row's expected slots that ``found`` also contains."""
     hits = total = 0
     for found_row, expected_row in zip(found.tolist(), expected.tolist()):
-        wanted = {slot for slot in expected_row if slot >= 0}
-        hits += len(wanted & set(found_row))
-        total += len(wanted)
+        expected_slots = {slot for slot in expected_row if slot >= 0}
+        hits += len(expected_slots & set(found_row))
+        total += len(expected_slots)
     return hits / max(total, 1)
 
 

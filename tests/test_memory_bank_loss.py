@@ -187,8 +187,9 @@ def test_small_max_positives_keeps_spatially_nearest():
 
 
 def test_false_negatives_are_filtered_and_counted():
-    # One anchor; ten bank entries 11 km away with the anchor's own embedding (the most similar
-    # candidates, but inside the negative radius) and ten entries a quarter of the globe away.
+    # One anchor and twenty bank entries. Ten lie 11 km away with the anchor's own embedding, so
+    # they are the most similar candidates but inside the negative radius. The other ten lie a
+    # quarter of the globe away.
     anchor = F.normalize(torch.randn(1, DIM, dtype=torch.float64), dim=1)
     near = torch.tensor([[0.0, 0.1]], dtype=torch.float64).repeat(10, 1)
     far = torch.stack([torch.full((10,), 90.0), torch.linspace(-5, 5, 10)], dim=1).double()
