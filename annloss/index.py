@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 __all__ = [
     "INDEX_BACKENDS",
@@ -60,6 +61,9 @@ class EmbeddingIndex(ABC):
     exact: bool = False
     #: Whether :meth:`update` can replace rows without a rebuild.
     supports_update: bool = False
+    #: Whether :meth:`build` keeps a reference to the embeddings instead of copying them; such
+    #: an index costs nothing to rebuild and sees later writes to the tensor.
+    references_input: bool = False
 
     def __init__(self) -> None:
         self.num_rows = 0
@@ -105,6 +109,7 @@ class TorchIndex(EmbeddingIndex):
     """
 
     exact = True
+    references_input = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -141,66 +146,139 @@ class _FaissIndex(EmbeddingIndex):
         return torch.from_numpy(scores), torch.from_numpy(rows)
 
 
-class FlatIndex(_FaissIndex):
-    """Exact search with ``faiss.IndexFlatIP`` on the CPU."""
+class FlatIndex(EmbeddingIndex):
+    """Exact search with FAISS's brute-force ``faiss.knn`` on the CPU.
+
+    Like :class:`TorchIndex` it keeps a reference to the given tensor instead of a copy, so a
+    build costs nothing and writes to the tensor show in later searches. A float32 CPU tensor
+    reaches FAISS without a copy; other dtypes are converted at each search.
+    """
 
     exact = True
+    references_input = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._embeddings: Tensor | None = None
 
     def build(self, embeddings: Tensor) -> None:
-        index = faiss.IndexFlatIP(embeddings.shape[1])
-        index.add(_as_float32_numpy(embeddings))
-        self._index = index
+        self._embeddings = embeddings.detach()
         self.num_rows = embeddings.shape[0]
+
+    def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        assert self._embeddings is not None
+        scores, rows = faiss.knn(
+            _as_float32_numpy(queries),
+            _as_float32_numpy(self._embeddings),
+            k,
+            metric=faiss.METRIC_INNER_PRODUCT,
+        )
+        return torch.from_numpy(scores), torch.from_numpy(rows)
 
 
 class IVFIndex(_FaissIndex):
-    """Approximate search with ``faiss.IndexIVFFlat`` (inverted lists over k-means cells).
+    """Approximate search with ``faiss.IndexIVFFlat``: inverted lists over k-means cells.
 
-    Each build retrains the coarse quantizer on the snapshot, so the cells follow the drift of
-    the embeddings.
+    A query scans the full-width vectors of the ``nprobe`` cells nearest to it, so with ``nlist``
+    growing as ``sqrt(M)`` the vectors scanned per query grow as ``sqrt(M)`` too. The cells come
+    from k-means on a sample of the snapshot, projected by PCA to ``quantizer_dim`` dimensions
+    first: training and assigning rows to cells then cost ``quantizer_dim / D`` of the
+    full-width cost, which decides the rebuild time of a million-entry bank on a CPU. Scores
+    inside the cells stay exact inner products of the full vectors.
+
+    Each build retrains the cells on the current snapshot, so they follow the drift of the
+    embeddings; :meth:`update` replaces rows in between without retraining.
 
     Args:
-        nlist: number of k-means cells. Default: ``4 * sqrt(M)``, at most ``M / 39`` so that
-            k-means has about 39 training points per cell (the minimum FAISS recommends).
-        nprobe: cells visited per query. Default: 32. Higher is slower and more exact.
-        training_points_per_cell: k-means trains on at most this many points per cell, sampled
-            from the snapshot. Default: 256 (FAISS's default); lower makes rebuilds of large
-            banks faster at some cost in cell quality.
+        nlist: number of k-means cells. Default: ``4 * sqrt(M)``, at most
+            ``M / training_points_per_cell``.
+        nprobe: cells visited per query. Default: 8. Higher is slower and closer to exact.
+        training_points_per_cell: k-means trains on a random sample of this many rows per cell.
+            Default: 32.
+        quantizer_dim: PCA width in which the cells are trained and rows assigned; ``None``,
+            or a value ``>= D``, assigns in the full width. Default: 128.
+        kmeans_iterations: k-means iterations per build. Default: 10.
+        seed: seed of the training sample and of k-means. Default: 0.
     """
 
     supports_update = True
 
     def __init__(
-        self, nlist: int | None = None, nprobe: int = 32, training_points_per_cell: int = 256
+        self,
+        nlist: int | None = None,
+        nprobe: int = 8,
+        training_points_per_cell: int = 32,
+        quantizer_dim: int | None = 128,
+        kmeans_iterations: int = 10,
+        seed: int = 0,
     ) -> None:
         super().__init__()
-        if nlist is not None and nlist < 1:
-            raise ValueError(f"nlist must be >= 1, got {nlist}")
-        if nprobe < 1:
-            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
-        if training_points_per_cell < 39:
-            raise ValueError(
-                f"training_points_per_cell must be >= 39, got {training_points_per_cell}"
-            )
+        for name, value, minimum in (
+            ("nlist", nlist, 1),
+            ("nprobe", nprobe, 1),
+            ("training_points_per_cell", training_points_per_cell, 1),
+            ("quantizer_dim", quantizer_dim, 1),
+            ("kmeans_iterations", kmeans_iterations, 1),
+        ):
+            if value is not None and value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}")
         self.nlist = nlist
         self.nprobe = nprobe
         self.training_points_per_cell = training_points_per_cell
+        self.quantizer_dim = quantizer_dim
+        self.kmeans_iterations = kmeans_iterations
+        self.seed = seed
+
+    def _train_quantizer(self, data: np.ndarray, nlist: int) -> Any:
+        """Return a FAISS index holding the ``nlist`` cell centroids, PCA included."""
+        size, dim = data.shape
+        rng = np.random.default_rng(self.seed)
+        num_samples = min(size, nlist * self.training_points_per_cell)
+        sample = data[np.sort(rng.choice(size, num_samples, replace=False))]
+        reduce = self.quantizer_dim is not None and self.quantizer_dim < dim
+        pca = None
+        if reduce:
+            pca = faiss.PCAMatrix(dim, self.quantizer_dim)
+            pca.train(sample)
+            sample = pca.apply(sample)
+        kmeans = faiss.Kmeans(
+            sample.shape[1],
+            nlist,
+            niter=self.kmeans_iterations,
+            seed=self.seed,
+            # The sample size is chosen above; these keep FAISS from subsampling it again or
+            # warning about fewer than 39 points per cell.
+            max_points_per_centroid=self.training_points_per_cell,
+            min_points_per_centroid=1,
+        )
+        kmeans.train(sample)
+        centroids = faiss.IndexFlatL2(sample.shape[1])
+        centroids.add(kmeans.centroids)
+        if pca is None:
+            return centroids
+        # FAISS's Python constructors keep references to the parts, so they stay alive.
+        return faiss.IndexPreTransform(pca, centroids)
 
     def build(self, embeddings: Tensor) -> None:
         size, dim = embeddings.shape
         nlist = self.nlist or int(4 * math.sqrt(size))
-        nlist = max(1, min(nlist, size // 39))
-
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.max_points_per_centroid = self.training_points_per_cell
+        nlist = max(1, min(nlist, size // self.training_points_per_cell))
         data = _as_float32_numpy(embeddings)
-        index.train(data)
-        index.add(data)
-        index.nprobe = min(self.nprobe, nlist)
+
+        quantizer = self._train_quantizer(data, nlist)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         # A hash-table direct map makes removing a row by id cost O(1) instead of a scan of
         # every inverted list.
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        # Assigning a million rows takes about a minute on two cores, so show progress.
+        chunk = 65_536
+        starts = range(0, size, chunk)
+        progress = tqdm(starts, desc="IVF add", unit="chunk", leave=False,
+                        disable=None if size > 4 * chunk else True)
+        for start in progress:
+            block = data[start : start + chunk]
+            index.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+        index.nprobe = min(self.nprobe, nlist)
         # The IVF index keeps only a raw pointer to its quantizer; this reference keeps it alive.
         self._quantizer = quantizer
         self._index = index
@@ -275,6 +353,7 @@ class FaissGpuFlatIndex(EmbeddingIndex):
     """
 
     exact = True
+    references_input = True
 
     def __init__(self) -> None:
         super().__init__()

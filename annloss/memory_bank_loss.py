@@ -30,6 +30,16 @@ from annloss.spatial_index import (
 
 __all__ = ["MemoryBankSpatialLoss"]
 
+# Default refresh periods, in training steps, of an index that takes every bank write at once
+# (only its IVF cells go stale, slowly) and of a snapshot index (whose newer rows stay unmined
+# until the next rebuild).
+_LIVE_REFRESH_EVERY = 1000
+_SNAPSHOT_REFRESH_EVERY = 10
+# Without an explicit refresh_every, the BallTree is rebuilt once capacity / _TREE_TURNOVER rows
+# were written since its build. Those rows are scanned exactly at each step, so the threshold
+# trades the scan against the O(M log M) rebuild.
+_TREE_TURNOVER = 32
+
 logger = logging.getLogger(__name__)
 
 
@@ -175,13 +185,13 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         bank_dtype: torch.dtype = torch.float32,
         index: str = "auto",
         index_options: dict[str, Any] | None = None,
-        refresh_every: int = 1,
-        positive_index: str = "exact",
+        refresh_every: int | None = None,
+        positive_index: str = "balltree",
         audit_every: int = 0,
         audit_sample: int = 32,
         warmup_steps: int = 0,
         max_age: int | None = None,
-        incremental: bool = False,
+        incremental: bool | None = None,
         k_fetch: int | None = None,
     ) -> None:
         super().__init__(
@@ -212,7 +222,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
 
         self.index = index
         self.index_options = dict(index_options or {})
-        self.refresh_every = _check_count("refresh_every", refresh_every, 1)
+        self.refresh_every = (
+            None if refresh_every is None else _check_count("refresh_every", refresh_every, 1)
+        )
         if positive_index not in ("exact", "balltree"):
             raise ValueError(
                 f"positive_index must be 'exact' or 'balltree', got {positive_index!r}"
@@ -223,12 +235,13 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         self.audit_sample = _check_count("audit_sample", audit_sample, 1)
         self.warmup_steps = _check_count("warmup_steps", warmup_steps, 0)
         self.max_age = None if max_age is None else _check_count("max_age", max_age, 0)
-        if incremental and index != "ivf":
+        if incremental and index == "hnsw":
             raise ValueError(
-                f"incremental=True needs index='ivf', the backend that can replace rows in "
-                f"place, got index={index!r}; the exact backends are cheap to rebuild every step"
+                "incremental=True needs an index that takes row updates ('ivf') or reads the "
+                "bank directly ('flat', 'torch', 'auto'); FAISS's HNSW graph cannot remove "
+                "rows, so index='hnsw' is rebuilt every refresh_every steps instead"
             )
-        self.incremental = bool(incremental)
+        self.incremental = incremental
         self.k_fetch = _check_count(
             "k_fetch", 8 * self.num_negatives if k_fetch is None else k_fetch, self.num_negatives
         )
@@ -237,8 +250,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         self._tree: BallTreeRadiusIndex | None = None
         # (step of the last build, bank pointer, bank rows added) that the index reflects.
         self._index_state = (0, 0, 0)
-        # (bank pointer, bank rows added) when the BallTree was built.
-        self._tree_state = (0, 0)
+        # (step, bank pointer, bank rows added) when the BallTree was built.
+        self._tree_state = (0, 0, 0)
         self._index_build_time_s = 0.0
         # A loaded state replaces the bank, so the snapshot must be rebuilt.
         self.register_load_state_dict_post_hook(_drop_index_after_load)
@@ -331,8 +344,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         )
         if self.training:
             written = self.bank.add(unit.detach(), coordinates, ids, step=int(self.step))
-            if self.incremental and self._index is not None:
-                self._index.update(written, self.bank.embeddings[written])
+            index = self._index
+            if index is not None and not index.references_input and self._is_incremental(index):
+                index.update(written, self.bank.embeddings[written])
                 self._index_state = (
                     self._index_state[0], int(self.bank.pointer), int(self.bank.num_added)
                 )
@@ -419,9 +433,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     def _mine_positives(self, coordinates: Tensor, ids: Tensor | None, bank_size: int) -> Tensor:
         """Return ``(B, P)`` bank slots within the positive radius, nearest first, ``-1`` padded.
 
-        With ``positive_index="balltree"`` the tree covers the snapshot minus the slots
-        overwritten since, and an exact scan covers the rows written since. The result is
-        therefore exact whatever ``refresh_every`` is.
+        With ``positive_index="balltree"`` the tree covers the bank as it was at its build,
+        minus the slots overwritten since, and an exact scan covers the rows written since.
+        Both searches give the same positives.
         """
         radius = self.distance_threshold
         options = {"metric": self.metric, "coordinate_order": self.coordinate_order}
@@ -430,27 +444,49 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             rows, slots, distance = exact_radius_candidates(
                 coordinates, self.bank.coordinates[:bank_size], slots, radius, **options
             )
+            keep = self._usable_positives(ids, rows, slots)
+            rows, slots, distance = rows[keep], slots[keep], distance[keep]
         else:
-            tree = self._refresh_snapshot(bank_size)[1]
-            assert tree is not None
-            rows, slots, distance = tree.query(coordinates, radius)
-            current = ~self.bank.overwritten_since(*self._tree_state, slots)
-            recent = self.bank.slots_written_since(*self._tree_state)
+            tree = self._positive_tree(bank_size)
+            tree_state = self._tree_state[1:]
+
+            def from_tree(rows: Tensor, slots: Tensor, distance: Tensor) -> tuple[Tensor, ...]:
+                keep = self._usable_positives(ids, rows, slots)
+                keep &= ~self.bank.overwritten_since(*tree_state, slots)
+                return rows[keep], slots[keep], distance[keep]
+
+            # The nearest few, with room for those the filters drop. An anchor left short while
+            # its farthest fetched row is still inside the radius gets a full radius query.
+            *found, saturated = tree.query_nearest(coordinates, radius, 2 * self.max_positives + 8)
+            rows, slots, distance = from_tree(*found)
+            kept = torch.bincount(rows, minlength=coordinates.shape[0])
+            short = torch.nonzero(saturated & (kept < self.max_positives)).flatten()
+            if short.numel() > 0:
+                more_rows, more_slots, more_distance = from_tree(*tree.query(coordinates[short], radius))
+                again = torch.isin(rows, short)
+                rows = torch.cat([rows[~again], short[more_rows]])
+                slots = torch.cat([slots[~again], more_slots])
+                distance = torch.cat([distance[~again], more_distance])
+
+            recent = self.bank.slots_written_since(*tree_state)
             recent_rows, recent_slots, recent_distance = exact_radius_candidates(
                 coordinates, self.bank.coordinates[recent], recent, radius, **options
             )
-            rows = torch.cat([rows[current], recent_rows])
-            slots = torch.cat([slots[current], recent_slots])
-            distance = torch.cat([distance[current], recent_distance])
+            keep = self._usable_positives(ids, recent_rows, recent_slots)
+            rows = torch.cat([rows, recent_rows[keep]])
+            slots = torch.cat([slots, recent_slots[keep]])
+            distance = torch.cat([distance, recent_distance[keep]])
+        return nearest_per_row(rows, slots, distance, coordinates.shape[0], self.max_positives)
 
+    def _usable_positives(self, ids: Tensor | None, rows: Tensor, slots: Tensor) -> Tensor:
+        """Mask of candidate pairs that pass the age and same-entity filters."""
+        keep = torch.ones_like(slots, dtype=torch.bool)
         if self.max_age is not None:
-            fresh = self._fresh_slots(slots)
-            rows, slots, distance = rows[fresh], slots[fresh], distance[fresh]
+            keep &= self._fresh_slots(slots)
         if ids is not None:
             bank_ids = self.bank.ids[slots]
-            other_entity = (bank_ids != ids[rows]) | (bank_ids == NO_ID)
-            rows, slots, distance = rows[other_entity], slots[other_entity], distance[other_entity]
-        return nearest_per_row(rows, slots, distance, coordinates.shape[0], self.max_positives)
+            keep &= (bank_ids != ids[rows]) | (bank_ids == NO_ID)
+        return keep
 
     def _audit(
         self,
@@ -481,30 +517,65 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         hits = (expected[:, :, None] == found[:, None, :]).any(dim=2) & expected_filled
         return float(hits.sum()) / max(int(expected_filled.sum()), 1)
 
-    def _refresh_snapshot(
-        self, bank_size: int
-    ) -> tuple[EmbeddingIndex, BallTreeRadiusIndex | None]:
-        """Return the mining indexes, rebuilt when ``refresh_every`` steps have passed.
+    def _is_incremental(self, index: EmbeddingIndex) -> bool:
+        """Whether bank writes go into ``index`` at once instead of waiting for a rebuild."""
+        if index.references_input:
+            return True
+        return index.supports_update and self.incremental is not False
 
-        The snapshot covers the ``bank_size`` filled slots at build time. Entries added later
-        are not searched as negatives until the next rebuild, and slots overwritten since are
-        filtered out by the callers.
+    def _refresh_period(self, index: EmbeddingIndex | None) -> int:
+        if self.refresh_every is not None:
+            return self.refresh_every
+        if index is not None and self._is_incremental(index):
+            return _LIVE_REFRESH_EVERY
+        return _SNAPSHOT_REFRESH_EVERY
+
+    def _negative_index(self, bank_size: int) -> EmbeddingIndex:
+        """Return the inner-product index over the bank, rebuilt when it is due.
+
+        An index that reads the bank tensor directly (flat, torch) is renewed at every call,
+        which costs nothing and keeps it exact. An incremental IVF index receives every write
+        and is retrained every ``refresh_every`` steps. Other indexes are snapshots rebuilt every
+        ``refresh_every`` steps; the slots overwritten since are filtered out by the caller.
         """
         step = int(self.step)
-        if self._index is None or step - self._index_state[0] >= self.refresh_every:
+        index = self._index
+        if (
+            index is None
+            or index.references_input
+            or step - self._index_state[0] >= self._refresh_period(index)
+        ):
             started = time.perf_counter()
             index = make_index(
                 self.index, self.bank.embeddings.device, bank_size, **self.index_options
             )
             index.build(self.bank.embeddings[:bank_size])
             self._index = index
-            if self.positive_index == "balltree":
-                self._tree = BallTreeRadiusIndex(self.metric, self.coordinate_order)
-                self._tree.build(self.bank.coordinates[:bank_size])
-                self._tree_state = (int(self.bank.pointer), int(self.bank.num_added))
             self._index_state = (step, int(self.bank.pointer), int(self.bank.num_added))
-            self._index_build_time_s = time.perf_counter() - started
-        return self._index, self._tree
+            if not index.references_input:
+                self._index_build_time_s += time.perf_counter() - started
+        return index
+
+    def _positive_tree(self, bank_size: int) -> BallTreeRadiusIndex:
+        """Return the BallTree over bank coordinates, rebuilt when it is due.
+
+        With an explicit ``refresh_every`` the tree follows that period. Otherwise it is rebuilt
+        once the rows written since its build, which the positive mining scans exactly, reach
+        ``1 / _TREE_TURNOVER`` of the capacity.
+        """
+        step = int(self.step)
+        written = int(self.bank.num_added) - self._tree_state[2]
+        if self.refresh_every is not None:
+            due = step - self._tree_state[0] >= self.refresh_every
+        else:
+            due = written >= max(1, self.bank.capacity // _TREE_TURNOVER)
+        if self._tree is None or due:
+            started = time.perf_counter()
+            self._tree = BallTreeRadiusIndex(self.metric, self.coordinate_order)
+            self._tree.build(self.bank.coordinates[:bank_size])
+            self._tree_state = (step, int(self.bank.pointer), int(self.bank.num_added))
+            self._index_build_time_s += time.perf_counter() - started
+        return self._tree
 
     @torch.no_grad()
     def _mine_negatives(
@@ -533,7 +604,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             index: EmbeddingIndex = TorchIndex()
             index.build(self.bank.embeddings[:bank_size])
         else:
-            index = self._refresh_snapshot(bank_size)[0]
+            index = self._negative_index(bank_size)
         snapshot_rows = index.num_rows
         batch_size = unit.shape[0]
         k = self.num_negatives

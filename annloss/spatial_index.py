@@ -158,6 +158,44 @@ class BallTreeRadiusIndex:
         return rows[inside], slots[inside], distance[inside]
 
 
+    def query_nearest(
+        self, anchors: Tensor, radius: float, k: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return each anchor's ``k`` nearest snapshot rows, kept when strictly within ``radius``.
+
+        A k-nearest query visits O(k log M) points where a radius query returns every point
+        inside the radius, which in a dense region of a large bank is thousands per anchor.
+
+        Returns:
+            ``(rows, slots, distance, saturated)``: the pairs as in :meth:`query`, and a
+            ``(B,)`` mask of anchors whose ``k``-th nearest row is still inside the radius, so
+            that more rows inside it may exist.
+        """
+        if self._tree is None or self._coordinates is None:
+            raise RuntimeError("the BallTree is empty; call build() with bank coordinates first")
+        k = min(k, self.num_rows)
+        if anchors.shape[0] == 0 or k == 0:
+            empty = _empty_candidates(anchors.device)
+            return (*empty, torch.zeros(anchors.shape[0], dtype=torch.bool, device=anchors.device))
+
+        points = self._tree_points(anchors)
+        slot_chunks = []
+        for start in range(0, points.shape[0], _TREE_QUERY_CHUNK):
+            _, neighbours = self._tree.query(points[start : start + _TREE_QUERY_CHUNK], k=k)
+            slot_chunks.append(neighbours)
+        slots = torch.from_numpy(np.concatenate(slot_chunks).astype(np.int64)).to(anchors.device)
+        rows = torch.arange(anchors.shape[0], device=anchors.device)[:, None].expand_as(slots)
+        distance = paired_distance(
+            anchors[:, None, :],
+            self._coordinates.to(anchors.device)[slots],
+            metric=self.metric,
+            coordinate_order=self.coordinate_order,
+        )
+        inside = distance < radius
+        saturated = inside[:, -1]
+        return rows[inside], slots[inside], distance[inside], saturated
+
+
 def nearest_per_row(
     rows: Tensor, slots: Tensor, distance: Tensor, num_rows: int, k: int
 ) -> Tensor:
@@ -170,8 +208,10 @@ def nearest_per_row(
     if rows.numel() == 0 or k == 0:
         return result
 
-    # Sort by distance, then stably by row, so each row's candidates are nearest first.
-    order = torch.argsort(distance, stable=True)
+    # Sort by slot, then stably by distance, then stably by row: each row's candidates come
+    # nearest first, and ties at equal distance fall in slot order whatever the search was.
+    order = torch.argsort(slots, stable=True)
+    order = order[torch.argsort(distance[order], stable=True)]
     order = order[torch.argsort(rows[order], stable=True)]
     rows, slots = rows[order], slots[order]
 

@@ -61,6 +61,25 @@ def test_balltree_crosses_antimeridian_and_pole():
     assert sorted(distance.tolist()) == pytest.approx([11.12, 22.24], abs=0.01)
 
 
+@pytest.mark.parametrize("radius, k", [(50.0, 3), (300.0, 5), (2000.0, 20)])
+def test_balltree_nearest_matches_brute_force(radius, k):
+    tree = BallTreeRadiusIndex("haversine", "lonlat")
+    tree.build(POINTS)
+    rows, slots, distance, saturated = tree.query_nearest(ANCHORS, radius, k)
+    for anchor in range(len(ANCHORS)):
+        distances = sorted(
+            (reference.haversine_km(ANCHORS[anchor], point), slot)
+            for slot, point in enumerate(POINTS)
+        )
+        inside = [slot for d, slot in distances[:k] if d < radius]
+        found = slots[rows == anchor].tolist()
+        assert sorted(found) == sorted(inside), anchor
+        # Saturated exactly when the k-th nearest lies inside the radius.
+        assert bool(saturated[anchor]) == (distances[k - 1][0] < radius), anchor
+    expected = [reference.haversine_km(ANCHORS[a], POINTS[s]) for a, s in zip(rows, slots)]
+    assert distance.tolist() == pytest.approx(expected, abs=1e-8)
+
+
 @pytest.mark.parametrize("radius", [50.0, 300.0])
 def test_exact_scan_matches_brute_force_haversine(radius):
     slots = torch.arange(len(POINTS)) + 1000
@@ -106,7 +125,7 @@ def test_query_before_build_raises():
         BallTreeRadiusIndex("haversine", "lonlat").query(ANCHORS, 10.0)
 
 
-@pytest.mark.parametrize("refresh_every", [1, 3])
+@pytest.mark.parametrize("refresh_every", [None, 1, 3])
 def test_balltree_positives_equal_exact_positives(refresh_every):
     options = {
         "embedding_dim": 8,
@@ -133,3 +152,25 @@ def test_balltree_positives_equal_exact_positives(refresh_every):
         tree(embeddings, coordinates, ids)
         assert tree.stats["num_bank_positive_pairs"] == exact.stats["num_bank_positive_pairs"]
     assert exact.stats["num_bank_positive_pairs"] > 0
+
+
+def test_balltree_positives_fall_back_when_nearest_are_filtered():
+    # 40 copies of the anchor's own entity sit on it, so the nearest rows fetched from the tree
+    # are all dropped by the id filter; the other entities 5-30 km away must still be found.
+    options = {"embedding_dim": 4, "distance_threshold": 50.0, "memory_size": 64,
+               "num_negatives": 1, "max_positives": 5}
+    exact = MemoryBankSpatialLoss(positive_index="exact", **options)
+    tree = MemoryBankSpatialLoss(positive_index="balltree", **options)
+    anchor = torch.tensor([[10.0, 45.0]], dtype=torch.float64)
+    copies = anchor.expand(40, 2)
+    others = anchor + torch.linspace(0.05, 0.3, 12, dtype=torch.float64)[:, None] * torch.tensor(
+        [[1.0, 0.0]], dtype=torch.float64
+    )
+    coordinates = torch.cat([copies, others])
+    ids = torch.cat([torch.full((40,), 7), torch.arange(100, 112)])
+    for criterion in (exact, tree):
+        criterion.bank.add(random_embeddings(52, 4, dtype=torch.float32), coordinates, ids)
+    expected = exact._mine_positives(anchor, torch.tensor([7]), 52)
+    found = tree._mine_positives(anchor, torch.tensor([7]), 52)
+    assert expected.tolist() == [[40, 41, 42, 43, 44]]
+    assert torch.equal(found, expected)
