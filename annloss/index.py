@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import faiss
+import faiss.contrib.ivf_tools
 import numpy as np
 import torch
 from torch import Tensor
@@ -38,6 +39,9 @@ INDEX_BACKENDS = ("auto", "flat", "ivf", "hnsw", "torch")
 # Rows of the (queries x bank) score matrix computed at once by the torch backend; bounds its
 # temporary memory to _TORCH_QUERY_CHUNK * M floats.
 _TORCH_QUERY_CHUNK = 256
+
+# Rows assigned to IVF cells per batch; bounds the (chunk x nlist) score matrix.
+_IVF_ADD_CHUNK = 65_536
 
 # With index="auto" on the CPU, banks with at least this many entries use IVF instead of the
 # exact flat search.
@@ -230,7 +234,10 @@ class IVFIndex(_FaissIndex):
         self.seed = seed
 
     def _train_quantizer(self, data: np.ndarray, nlist: int) -> Any:
-        """Return a FAISS index holding the ``nlist`` cell centroids, PCA included."""
+        """Train the cells; return a FAISS index of the ``nlist`` centroids, PCA included.
+
+        Also keeps the PCA map and the centroids as torch tensors for :meth:`_assign`.
+        """
         size, dim = data.shape
         rng = np.random.default_rng(self.seed)
         num_samples = min(size, nlist * self.training_points_per_cell)
@@ -254,10 +261,32 @@ class IVFIndex(_FaissIndex):
         kmeans.train(sample)
         centroids = faiss.IndexFlatL2(sample.shape[1])
         centroids.add(kmeans.centroids)
+        self._centroids = torch.from_numpy(kmeans.centroids.copy())
+        self._half_sq_norms = 0.5 * (self._centroids**2).sum(dim=1)
+        self._projection = None
         if pca is None:
             return centroids
+        # FAISS's linear transform is y = A x + b with A stored row-major as (d_out, d_in).
+        projection = faiss.vector_to_array(pca.A).reshape(self.quantizer_dim, dim)
+        self._projection = torch.from_numpy(projection.copy())
+        self._projection_bias = torch.from_numpy(faiss.vector_to_array(pca.b).copy())
         # FAISS's Python constructors keep references to the parts, so they stay alive.
         return faiss.IndexPreTransform(pca, centroids)
+
+    def _assign(self, data: np.ndarray) -> np.ndarray:
+        """Return the cell of each row of ``data``: its nearest centroid in the PCA space.
+
+        The same rule as FAISS's quantizer, computed with torch's matrix product, which is
+        several times faster than FAISS's on this project's CPUs.
+        """
+        points = torch.from_numpy(data)
+        if self._projection is not None:
+            points = torch.addmm(self._projection_bias, points, self._projection.T)
+        scores = points @ self._centroids.T - self._half_sq_norms
+        return scores.argmax(dim=1).numpy().astype(np.int64)
+
+    def _add(self, index: Any, data: np.ndarray, ids: np.ndarray) -> None:
+        faiss.contrib.ivf_tools.add_preassigned(index, data, self._assign(data), ids)
 
     def build(self, embeddings: Tensor) -> None:
         size, dim = embeddings.shape
@@ -270,14 +299,13 @@ class IVFIndex(_FaissIndex):
         # A hash-table direct map makes removing a row by id cost O(1) instead of a scan of
         # every inverted list.
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        # Assigning a million rows takes about a minute on two cores, so show progress.
-        chunk = 65_536
-        starts = range(0, size, chunk)
+        # Assigning a million rows takes tens of seconds on two cores, so show progress.
+        starts = range(0, size, _IVF_ADD_CHUNK)
         progress = tqdm(starts, desc="IVF add", unit="chunk", leave=False,
-                        disable=None if size > 4 * chunk else True)
+                        disable=None if size > 4 * _IVF_ADD_CHUNK else True)
         for start in progress:
-            block = data[start : start + chunk]
-            index.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+            block = data[start : start + _IVF_ADD_CHUNK]
+            self._add(index, block, np.arange(start, start + len(block), dtype=np.int64))
         index.nprobe = min(self.nprobe, nlist)
         # The IVF index keeps only a raw pointer to its quantizer; this reference keeps it alive.
         self._quantizer = quantizer
@@ -292,7 +320,7 @@ class IVFIndex(_FaissIndex):
         """
         ids = rows.detach().cpu().numpy().astype(np.int64)
         self._index.remove_ids(ids[ids < self.num_rows])
-        self._index.add_with_ids(_as_float32_numpy(embeddings), ids)
+        self._add(self._index, _as_float32_numpy(embeddings), ids)
         self.num_rows = max(self.num_rows, int(ids.max()) + 1) if ids.size else self.num_rows
 
 
@@ -419,7 +447,7 @@ def make_index(backend: str, device: torch.device, bank_size: int, **options: An
         if device.type != "cpu":
             backend = "torch"
         else:
-            backend = "ivf" if bank_size >= AUTO_IVF_MIN_SIZE else "flat"
+            backend = "ivf" if bank_size >= AUTO_IVF_MIN_SIZE else "torch"
     if backend == "flat" and device.type == "cuda" and faiss_has_gpu():
         return FaissGpuFlatIndex(**options)
     if backend in ("flat", "ivf", "hnsw") and device.type != "cpu":

@@ -457,7 +457,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
 
             # The nearest few, with room for those the filters drop. An anchor left short while
             # its farthest fetched row is still inside the radius gets a full radius query.
-            *found, saturated = tree.query_nearest(coordinates, radius, 2 * self.max_positives + 8)
+            *found, saturated = tree.query_nearest(coordinates, radius, self.max_positives + 16)
             rows, slots, distance = from_tree(*found)
             kept = torch.bincount(rows, minlength=coordinates.shape[0])
             short = torch.nonzero(saturated & (kept < self.max_positives)).flatten()

