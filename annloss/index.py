@@ -1,8 +1,10 @@
 """Maximum-inner-product indexes over memory-bank embeddings, behind one interface.
 
-Every backend indexes a snapshot of the bank's filled slots, taken by :meth:`EmbeddingIndex.build`;
-row ``i`` of the snapshot is bank slot ``i``. Searches return bank slots, ``-1`` where fewer than
-``k`` rows were found. The memory-bank loss decides when to rebuild (see ``refresh_every``).
+:meth:`EmbeddingIndex.build` indexes the bank's filled slots; row ``i`` is bank slot ``i``.
+Searches return bank slots, ``-1`` where fewer than ``k`` rows were found. The exact backends
+keep a reference to the bank tensor, so a build costs nothing and they see later writes; IVF
+copies the rows and takes later writes through :meth:`EmbeddingIndex.update`; HNSW is a
+snapshot. The memory-bank loss decides when to rebuild (see its ``refresh_every``).
 """
 
 from __future__ import annotations
@@ -196,7 +198,8 @@ class IVFIndex(_FaissIndex):
     Args:
         nlist: number of k-means cells. Default: ``4 * sqrt(M)``, at most
             ``M / training_points_per_cell``.
-        nprobe: cells visited per query. Default: 8. Higher is slower and closer to exact.
+        nprobe: cells visited per query, at least; a search for ``k`` rows visits enough cells
+            to hold about ``2 k`` rows. Default: 8. Higher is slower and closer to exact.
         training_points_per_cell: k-means trains on a random sample of this many rows per cell.
             Default: 32.
         quantizer_dim: PCA width in which the cells are trained and rows assigned; ``None``,
@@ -311,6 +314,16 @@ class IVFIndex(_FaissIndex):
         self._quantizer = quantizer
         self._index = index
         self.num_rows = size
+
+    def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        # The cells probed must hold enough rows for k results: a wide search (the loss widens
+        # it when candidates turn out to be false negatives) probes more cells instead of
+        # returning -1 padding from the same few.
+        rows_per_cell = self.num_rows / self._index.nlist
+        nprobe = max(self._index.nprobe, math.ceil(2 * k / max(rows_per_cell, 1.0)))
+        parameters = faiss.SearchParametersIVF(nprobe=min(nprobe, self._index.nlist))
+        scores, rows = self._index.search(_as_float32_numpy(queries), k, params=parameters)
+        return torch.from_numpy(scores), torch.from_numpy(rows)
 
     def update(self, rows: Tensor, embeddings: Tensor) -> None:
         """Replace ``rows`` in place: remove their old vectors and add the new ones.
