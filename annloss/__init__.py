@@ -7,6 +7,9 @@ The public API:
 - :class:`MemoryBankSpatialLoss`: the same losses with positives and hard negatives mined from a
   memory bank of past embeddings, coordinates and ids.
 - :class:`MemoryBank`: the ring buffer behind it.
+- Radius policies for ``radius=`` and ``scales=``: :class:`FixedRadius`,
+  :class:`QuantileRadius`, :class:`KNNRadius`, :class:`TargetPositives`, and
+  :func:`log_scales`.
 - :mod:`annloss.coordinates`: coordinate validation and haversine distances.
 """
 
@@ -21,16 +24,30 @@ from annloss.coordinates import (
 from annloss.losses import SpatialContrastiveLoss, SpatialTripletLoss
 from annloss.memory_bank import MemoryBank
 from annloss.memory_bank_loss import MemoryBankSpatialLoss
+from annloss.radius import (
+    FixedRadius,
+    KNNRadius,
+    QuantileRadius,
+    RadiusPolicy,
+    TargetPositives,
+    log_scales,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EARTH_RADIUS_KM",
+    "FixedRadius",
+    "KNNRadius",
     "MemoryBank",
     "MemoryBankSpatialLoss",
+    "QuantileRadius",
+    "RadiusPolicy",
     "SpatialContrastiveLoss",
     "SpatialTripletLoss",
+    "TargetPositives",
     "haversine_km",
+    "log_scales",
     "paired_distance",
     "pairwise_distance",
     "pairwise_haversine_km",

@@ -34,8 +34,8 @@ def zero_loss(*tensors: Tensor) -> Tensor:
 
 def spatial_pair_masks(
     spatial_distance: Tensor,
-    positive_radius: float,
-    negative_radius: float,
+    positive_radius: float | Tensor,
+    negative_radius: float | Tensor,
     *,
     exclude: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -46,8 +46,10 @@ def spatial_pair_masks(
 
     Args:
         spatial_distance: ``(A, N)`` distances, in the same unit as the radii.
-        positive_radius: pairs strictly closer than this are positives.
-        negative_radius: pairs at least this far apart are negatives; ``>= positive_radius``.
+        positive_radius: pairs strictly closer than this are positives; a number, or an
+            ``(A, 1)`` tensor with one radius per anchor.
+        negative_radius: pairs at least this far apart are negatives; ``>= positive_radius``,
+            a number or an ``(A, 1)`` tensor.
         exclude: optional ``(A, N)`` boolean mask of pairs that are never used (self pairs,
             the same entity, empty slots).
 

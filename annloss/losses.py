@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,7 +13,6 @@ from annloss._checks import (
     check_embeddings,
     check_non_negative,
     check_positive,
-    check_radii,
     check_same_device,
 )
 from annloss.coordinates import (
@@ -24,38 +26,95 @@ from annloss.functional import (
     info_nce_from_masks,
     spatial_pair_masks,
     triplet_margin_from_masks,
+    zero_loss,
 )
+from annloss.radius import BankNearest, FixedRadius, RadiusPolicy, make_radius
 
 __all__ = ["SpatialContrastiveLoss", "SpatialTripletLoss"]
 
 
+Scales = Sequence[tuple["float | RadiusPolicy", float]]
+
+
+def _make_scales(
+    radius: float | RadiusPolicy | None,
+    distance_threshold: float | None,
+    negative_threshold: float | None,
+    scales: Scales | None,
+) -> list[tuple[RadiusPolicy, float]]:
+    """Resolve the radius arguments of a spatial loss to ``[(policy, weight), ...]``."""
+    if scales is None:
+        return [(make_radius(radius, distance_threshold, negative_threshold), 1.0)]
+    if radius is not None or distance_threshold is not None or negative_threshold is not None:
+        raise ValueError(
+            "pass either scales= or a single radius (radius= or distance_threshold=), not both"
+        )
+    resolved = []
+    for entry in scales:
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+            raise ValueError(
+                f"each scale must be a (radius, weight) pair such as (100.0, 1.0), got {entry!r}"
+            )
+        scale_radius, weight = entry
+        weight = check_non_negative("scale weight", weight)
+        resolved.append((make_radius(scale_radius, None, None), weight))
+    if not resolved:
+        raise ValueError("scales must hold at least one (radius, weight) pair")
+    return resolved
+
+
+def _radius_stats(prefix: str, radius: Tensor) -> dict[str, float]:
+    if radius.numel() == 0:
+        return {}
+    return {
+        f"{prefix}radius_min": float(radius.min()),
+        f"{prefix}radius_median": float(radius.median()),
+        f"{prefix}radius_max": float(radius.max()),
+    }
+
+
 class _SpatialPairLoss(nn.Module):
-    """Shared configuration and pair construction of the in-batch spatial losses."""
+    """Shared configuration and pair construction of the spatial losses.
+
+    A loss has one or more scales, each a radius policy and a weight; the loss is the weighted
+    sum of one term per scale.
+    """
 
     def __init__(
         self,
         *,
-        distance_threshold: float,
+        distance_threshold: float | None,
         negative_threshold: float | None,
         metric: str,
         coordinate_order: str,
+        radius: float | RadiusPolicy | None = None,
+        scales: Scales | None = None,
     ) -> None:
         super().__init__()
         check_metric(metric)
         check_coordinate_order(coordinate_order)
-        self.distance_threshold, self.negative_threshold = check_radii(
-            distance_threshold, negative_threshold
-        )
+        self.scales = _make_scales(radius, distance_threshold, negative_threshold, scales)
+        # The fixed radii of a single fixed scale, kept as plain attributes; None otherwise.
+        self.distance_threshold: float | None = None
+        self.negative_threshold: float | None = None
+        policy = self.scales[0][0]
+        if len(self.scales) == 1 and isinstance(policy, FixedRadius):
+            self.distance_threshold = policy.radius
+            self.negative_threshold = (
+                policy.negative_radius
+                if policy.negative_radius is not None
+                else policy.radius * policy.negative_factor + policy.negative_offset
+            )
         self.metric = metric
         self.coordinate_order = coordinate_order
         self.stats: dict[str, float] = {}
 
-    def batch_pairs(self, embeddings: Tensor, coordinates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Check inputs and return unit embeddings with the in-batch pair masks.
+    def batch_context(self, embeddings: Tensor, coordinates: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Check inputs and return what every scale needs.
 
         Returns:
-            ``(unit_embeddings (B, D), positive_mask (B, B), negative_mask (B, B))``; the
-            diagonal is in neither mask.
+            ``(unit_embeddings (B, D), coordinates (B, 2) float64, spatial_distance (B, B)
+            float64, self_pairs (B, B) bool)``.
         """
         embeddings = check_embeddings(embeddings)
         if isinstance(coordinates, Tensor):
@@ -66,22 +125,82 @@ class _SpatialPairLoss(nn.Module):
             coordinate_order=self.coordinate_order,
             batch_size=embeddings.shape[0],
         )
-
         spatial_distance = pairwise_distance(
             coordinates, coordinates, metric=self.metric, coordinate_order=self.coordinate_order
         )
         self_pairs = torch.eye(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
+        coordinates = coordinates.to(device=embeddings.device, dtype=torch.float64)
+        return F.normalize(embeddings, dim=1), coordinates, spatial_distance, self_pairs
+
+    def scale_radii(
+        self,
+        spatial_distance: Tensor,
+        excluded: Tensor,
+        bank_nearest: BankNearest | None = None,
+    ) -> list[tuple[Tensor, Tensor, float]]:
+        """Return ``(positive (B,), negative (B,), weight)`` radii of every scale."""
+        usable = spatial_distance.masked_fill(excluded, math.inf)
+        return [(*policy(usable, bank_nearest), weight) for policy, weight in self.scales]
+
+    def batch_pairs(self, embeddings: Tensor, coordinates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Return unit embeddings and the in-batch pair masks of the first scale.
+
+        Returns:
+            ``(unit_embeddings (B, D), positive_mask (B, B), negative_mask (B, B))``; the
+            diagonal is in neither mask.
+        """
+        unit, _, spatial_distance, self_pairs = self.batch_context(embeddings, coordinates)
+        positive, negative, _ = self.scale_radii(spatial_distance, self_pairs)[0]
         positive_mask, negative_mask = spatial_pair_masks(
-            spatial_distance, self.distance_threshold, self.negative_threshold, exclude=self_pairs
+            spatial_distance, positive[:, None], negative[:, None], exclude=self_pairs
         )
-        return F.normalize(embeddings, dim=1), positive_mask, negative_mask
+        return unit, positive_mask, negative_mask
+
+    def _weighted_terms(
+        self,
+        embeddings: Tensor,
+        coordinates: Tensor,
+        term: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, dict[str, float]]],
+    ) -> Tensor:
+        """Sum ``weight * term(unit, positive_mask, negative_mask)`` over the scales.
+
+        Fills ``stats`` with the counts summed over scales, the first scale's radii, and, with
+        several scales, each scale's radii, counts and loss under ``scale{i}_``.
+        """
+        unit, _, spatial_distance, self_pairs = self.batch_context(embeddings, coordinates)
+        total: Tensor | None = None
+        stats: dict[str, float] = {}
+        radii = self.scale_radii(spatial_distance, self_pairs)
+        for index, (positive, negative, weight) in enumerate(radii):
+            if index == 0:
+                stats.update(_radius_stats("", positive))
+            if weight == 0:
+                continue
+            positive_mask, negative_mask = spatial_pair_masks(
+                spatial_distance, positive[:, None], negative[:, None], exclude=self_pairs
+            )
+            value, counts = term(unit, positive_mask, negative_mask)
+            total = weight * value if total is None else total + weight * value
+            for key, count in counts.items():
+                stats[key] = stats.get(key, 0) + count
+            if len(radii) > 1:
+                stats.update(_radius_stats(f"scale{index}_", positive))
+                stats.update({f"scale{index}_{key}": count for key, count in counts.items()})
+                stats[f"scale{index}_loss"] = float(value.detach())
+        self.stats = stats
+        return zero_loss(unit) if total is None else total
 
     def extra_repr(self) -> str:
-        return (
-            f"distance_threshold={self.distance_threshold}, "
-            f"negative_threshold={self.negative_threshold}, metric={self.metric!r}, "
-            f"coordinate_order={self.coordinate_order!r}"
-        )
+        if self.distance_threshold is not None:
+            radius = (
+                f"distance_threshold={self.distance_threshold}, "
+                f"negative_threshold={self.negative_threshold}"
+            )
+        elif len(self.scales) == 1:
+            radius = f"radius={self.scales[0][0]!r}"
+        else:
+            radius = "scales=[" + ", ".join(f"({p!r}, {w:g})" for p, w in self.scales) + "]"
+        return f"{radius}, metric={self.metric!r}, coordinate_order={self.coordinate_order!r}"
 
 
 class SpatialContrastiveLoss(_SpatialPairLoss):
@@ -129,31 +248,34 @@ class SpatialContrastiveLoss(_SpatialPairLoss):
     def __init__(
         self,
         *,
-        distance_threshold: float,
+        distance_threshold: float | None = None,
         temperature: float = 0.1,
         negative_threshold: float | None = None,
+        radius: float | RadiusPolicy | None = None,
+        scales: Scales | None = None,
         metric: str = "haversine",
         coordinate_order: str = "lonlat",
     ) -> None:
         super().__init__(
             distance_threshold=distance_threshold,
             negative_threshold=negative_threshold,
+            radius=radius,
+            scales=scales,
             metric=metric,
             coordinate_order=coordinate_order,
         )
         self.temperature = check_positive("temperature", temperature)
 
     def forward(self, embeddings: Tensor, coordinates: Tensor) -> Tensor:
-        unit, positive_mask, negative_mask = self.batch_pairs(embeddings, coordinates)
-        similarity = unit @ unit.T
-        loss, num_pairs = info_nce_from_masks(
-            similarity, positive_mask, negative_mask, self.temperature
-        )
-        self.stats = {
-            "num_positive_pairs": num_pairs,
-            "num_negative_pairs": int(negative_mask.sum()),
-        }
-        return loss
+        def term(unit: Tensor, positive_mask: Tensor, negative_mask: Tensor):
+            loss, num_pairs = info_nce_from_masks(
+                unit @ unit.T, positive_mask, negative_mask, self.temperature
+            )
+            counts = {"num_positive_pairs": num_pairs,
+                      "num_negative_pairs": int(negative_mask.sum())}
+            return loss, counts
+
+        return self._weighted_terms(embeddings, coordinates, term)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, " + super().extra_repr()
@@ -194,9 +316,11 @@ class SpatialTripletLoss(_SpatialPairLoss):
     def __init__(
         self,
         *,
-        distance_threshold: float,
+        distance_threshold: float | None = None,
         margin: float = 1.0,
         negative_threshold: float | None = None,
+        radius: float | RadiusPolicy | None = None,
+        scales: Scales | None = None,
         metric: str = "haversine",
         coordinate_order: str = "lonlat",
         reduction: str = "nonzero_mean",
@@ -204,6 +328,8 @@ class SpatialTripletLoss(_SpatialPairLoss):
         super().__init__(
             distance_threshold=distance_threshold,
             negative_threshold=negative_threshold,
+            radius=radius,
+            scales=scales,
             metric=metric,
             coordinate_order=coordinate_order,
         )
@@ -213,13 +339,14 @@ class SpatialTripletLoss(_SpatialPairLoss):
         self.reduction = reduction
 
     def forward(self, embeddings: Tensor, coordinates: Tensor) -> Tensor:
-        unit, positive_mask, negative_mask = self.batch_pairs(embeddings, coordinates)
-        distance = cosine_to_euclidean(unit @ unit.T)
-        loss, num_triplets, num_active = triplet_margin_from_masks(
-            distance, positive_mask, negative_mask, self.margin, self.reduction
-        )
-        self.stats = {"num_triplets": num_triplets, "num_active_triplets": num_active}
-        return loss
+        def term(unit: Tensor, positive_mask: Tensor, negative_mask: Tensor):
+            distance = cosine_to_euclidean(unit @ unit.T)
+            loss, num_triplets, num_active = triplet_margin_from_masks(
+                distance, positive_mask, negative_mask, self.margin, self.reduction
+            )
+            return loss, {"num_triplets": num_triplets, "num_active_triplets": num_active}
+
+        return self._weighted_terms(embeddings, coordinates, term)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, reduction={self.reduction!r}, " + super().extra_repr()

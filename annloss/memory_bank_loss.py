@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -17,14 +18,17 @@ from annloss.coordinates import (
 from annloss.functional import (
     cosine_to_euclidean,
     info_nce_from_masks,
+    spatial_pair_masks,
     triplet_margin_from_masks,
+    zero_loss,
 )
 from annloss.index import INDEX_BACKENDS, EmbeddingIndex, TorchIndex, make_index
-from annloss.losses import _SpatialPairLoss
+from annloss.losses import Scales, _radius_stats, _SpatialPairLoss
 from annloss.memory_bank import NO_ID, MemoryBank
+from annloss.radius import RadiusPolicy
 from annloss.spatial_index import (
     BallTreeRadiusIndex,
-    exact_radius_candidates,
+    nearest_candidates,
     nearest_per_row,
 )
 
@@ -47,6 +51,22 @@ def _check_count(name: str, value: int, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _drop_repeats(slots: Tensor) -> Tensor:
+    """Replace the second and later occurrences of a slot within each row by ``-1``.
+
+    With several scales one bank entry can be mined as a positive and as a negative of another
+    scale, or as a negative of two scales; it must enter the loss once per anchor.
+    """
+    if slots.shape[1] < 2:
+        return slots
+    ordered, order = torch.sort(slots, dim=1, stable=True)
+    repeated = torch.zeros_like(slots, dtype=torch.bool)
+    repeated[:, 1:] = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    unique = slots.clone()
+    unique.scatter_(1, order, torch.where(repeated, -1, ordered))
+    return unique
 
 
 def _drop_index_after_load(module: MemoryBankSpatialLoss, incompatible_keys: Any) -> None:
@@ -107,22 +127,28 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         coordinate_order: ``"lonlat"`` or ``"latlon"``. Default: ``"lonlat"``.
         min_bank_size: bank entries needed before mining starts. Default: ``num_negatives``.
         bank_dtype: storage dtype of bank embeddings. Default: float32.
-        index: inner-product index for hard negatives. ``"flat"`` is exact (FAISS
-            ``IndexFlatIP``, or FAISS's GPU brute force for a CUDA bank). ``"ivf"`` (FAISS
-            ``IndexIVFFlat``) and ``"hnsw"`` (FAISS ``IndexHNSWFlat``) are approximate.
-            ``"torch"`` is exact matmul + topk on any device. ``"auto"`` picks the GPU brute force
-            for a CUDA bank when FAISS has GPU support, ``"torch"`` on other accelerators, and on
-            the CPU ``"flat"`` below 262,144 entries and ``"ivf"`` from there on.
+        index: inner-product index for hard negatives. ``"torch"`` (matrix product and
+            ``torch.topk``, on any device) and ``"flat"`` (FAISS brute force, or its GPU version
+            for a CUDA bank) are exact and read the bank tensor directly, so they always see
+            the current bank. ``"ivf"`` (FAISS ``IndexIVFFlat``) and ``"hnsw"`` (FAISS
+            ``IndexHNSWFlat``) are approximate. ``"auto"`` picks FAISS's GPU brute force for a
+            CUDA bank when FAISS has GPU support, ``"torch"`` on other accelerators, and on the
+            CPU ``"torch"`` below ``AUTO_IVF_MIN_SIZE`` entries and ``"ivf"`` from there on.
             Default: ``"auto"``.
-        index_options: keyword arguments of the index class, e.g. ``{"nprobe": 64}`` for IVF
+        index_options: keyword arguments of the index class, e.g. ``{"nprobe": 16}`` for IVF
             or ``{"ef_search": 256}`` for HNSW. Default: none.
-        refresh_every: rebuild the mining indexes every this many training steps. Between
-            rebuilds, entries added since the last one are not mined as negatives and
-            overwritten slots are skipped. Default: 1 (rebuild every step).
-        positive_index: how bank positives are found: ``"exact"`` (a scan of every bank entry,
-            one matrix product of unit-sphere vectors for the haversine metric) or
-            ``"balltree"`` (a scikit-learn ``BallTree`` over the snapshot plus an exact scan of
-            the entries added since). Both return the same positives. Default: ``"exact"``.
+        refresh_every: how often, in training steps, the mining structures are rebuilt. An
+            incremental IVF index has its k-means cells retrained; a snapshot index (HNSW, or
+            IVF with ``incremental=False``) is rebuilt, and between rebuilds the entries added
+            since are not mined as negatives and overwritten slots are skipped; the BallTree is
+            rebuilt. Default: None, which means 1,000 steps for an incremental or exact index and
+            10 for a snapshot index, and rebuilds the BallTree once 1/32 of the capacity has
+            been written since its last build.
+        positive_index: how bank positives are found: ``"balltree"`` (a scikit-learn
+            ``BallTree``: k-nearest queries over the bank as it was at the tree's build, plus an
+            exact scan of the entries written since) or ``"exact"`` (a scan of every bank entry,
+            one matrix product of unit-sphere vectors for the haversine metric). Both return the
+            same positives; the tree is sub-linear in the bank size. Default: ``"balltree"``.
         audit_every: every this many steps, mine the negatives of ``audit_sample`` anchors
             again by exact search over the current bank and report in
             ``stats["audit_negative_recall"]`` the fraction of them that the index found.
@@ -137,10 +163,11 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             with fewer than ``num_negatives`` are searched again with four times as many. The
             flat and IVF searches scan the same vectors whatever ``k`` is, so a larger first
             fetch saves repeated searches. Default: ``8 * num_negatives``.
-        incremental: with ``index="ivf"``, apply every bank write to the index at once
-            (remove the overwritten rows, add the new ones), so negatives are mined from the
-            whole current bank; ``refresh_every`` then only sets how often the k-means cells
-            are retrained. Default: False.
+        incremental: with an IVF index, apply every bank write to the index at once (remove
+            the overwritten rows, add the new ones), so negatives are mined from the whole
+            current bank and ``refresh_every`` only sets how often the k-means cells are
+            retrained. The exact indexes always see the current bank, and HNSW cannot remove
+            rows. Default: None, which means True for IVF.
 
     Shape:
         - embeddings: ``(B, D)``; float16 and bfloat16 are scored in float32.
@@ -151,8 +178,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     After each call ``stats`` holds ``num_positive_pairs``, ``num_batch_positive_pairs``,
     ``num_bank_positive_pairs``, ``num_negative_pairs``, ``num_bank_negative_pairs``,
     ``num_filtered_negatives`` (mined candidates dropped for lying inside the negative radius),
-    ``bank_size`` (entries before this call's batch was added), ``used_bank``, ``mining_time_s`` (index build included) and
-    ``index_build_time_s`` (0 when the index was reused).
+    ``bank_size`` (entries before this call's batch was added), ``used_bank``,
+    ``mining_time_s`` (rebuilds included) and ``index_build_time_s`` (time spent in this call
+    rebuilding the IVF or HNSW index and the BallTree; 0 when nothing was rebuilt).
 
     Example:
         >>> import torch
@@ -171,8 +199,10 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         self,
         *,
         embedding_dim: int,
-        distance_threshold: float,
+        distance_threshold: float | None = None,
         negative_threshold: float | None = None,
+        radius: float | RadiusPolicy | None = None,
+        scales: Scales | None = None,
         memory_size: int = 65_536,
         num_negatives: int = 64,
         max_positives: int = 64,
@@ -197,6 +227,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         super().__init__(
             distance_threshold=distance_threshold,
             negative_threshold=negative_threshold,
+            radius=radius,
+            scales=scales,
             metric=metric,
             coordinate_order=coordinate_order,
         )
@@ -207,6 +239,11 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             raise TypeError(
                 "loss must be 'infonce', 'triplet' or a pytorch-metric-learning loss such as "
                 f"NTXentLoss(), got {type(loss).__name__}"
+            )
+        elif len(self.scales) > 1:
+            raise ValueError(
+                "a pytorch-metric-learning loss takes one set of pairs, so it needs a single "
+                "radius; use loss='infonce' or 'triplet' with scales="
             )
         if index not in INDEX_BACKENDS:
             raise ValueError(f"index must be one of {INDEX_BACKENDS}, got {index!r}")
@@ -269,7 +306,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         return self.bank.embedding_dim
 
     def forward(self, embeddings: Tensor, coordinates: Tensor, ids: Tensor | None = None) -> Tensor:
-        unit, batch_positive, batch_negative = self.batch_pairs(embeddings, coordinates)
+        unit, coordinates, batch_distance, self_pairs = self.batch_context(embeddings, coordinates)
         if unit.shape[1] != self.embedding_dim:
             raise ValueError(
                 f"embeddings have width {unit.shape[1]} but this loss was built with "
@@ -278,7 +315,6 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             )
         check_same_device(unit, self.bank.embeddings, "the memory bank buffers")
         ids = check_ids(ids, unit.shape[0], unit.device)
-        coordinates = coordinates.to(device=unit.device, dtype=torch.float64)
 
         bank_size = len(self.bank)
         used_bank = (
@@ -288,11 +324,26 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         )
         started = time.perf_counter()
         self._index_build_time_s = 0.0
+        bank_nearest = None
+        if used_bank and any(policy.uses_bank for policy, _ in self.scales):
+
+            def bank_nearest(k: int) -> Tensor:
+                return self._nearest_bank_entries(coordinates, ids, bank_size, k, None)[1]
+
+        radii = self.scale_radii(batch_distance, self_pairs, bank_nearest)
+        # A zero weight removes its scale from mining too, so it cannot change the other terms.
+        active = [(index, *scale) for index, scale in enumerate(radii) if scale[2] > 0]
+        used_bank = used_bank and bool(active)
+        if active:
+            positive_radius = torch.stack([positive for _, positive, _, _ in active])
+            negative_radius = torch.stack([negative for _, _, negative, _ in active])
         audit_recall: float | None = None
         if used_bank:
-            positive_slots = self._mine_positives(coordinates, ids, bank_size)
+            positive_slots = self._mine_positives(
+                coordinates, ids, bank_size, positive_radius.max(dim=0).values
+            )
             negative_slots, num_filtered = self._mine_negatives(
-                unit.detach(), coordinates, ids, bank_size
+                unit.detach(), coordinates, ids, bank_size, negative_radius
             )
         else:
             positive_slots = torch.full((unit.shape[0], 0), -1, device=unit.device)
@@ -301,44 +352,67 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         mining_time_s = time.perf_counter() - started
         if used_bank and self.audit_every and int(self.step) % self.audit_every == 0:
             audit_recall = self._audit(
-                unit.detach(), coordinates, ids, bank_size, negative_slots
+                unit.detach(), coordinates, ids, bank_size, negative_radius, negative_slots
             )
 
-        similarity, positive_mask, negative_mask = self._assemble(
-            unit, batch_positive, batch_negative, positive_slots, negative_slots
+        slots = _drop_repeats(torch.cat([positive_slots, negative_slots], dim=1))
+        similarity, distance, excluded = self._assemble(
+            unit, coordinates, batch_distance, self_pairs, slots
         )
-        if isinstance(self.loss, BaseMetricLossFunction):
-            loss = self._metric_learning_loss(unit, positive_mask, negative_mask, positive_slots,
-                                              negative_slots)
-        elif self.loss == "infonce":
-            loss, _ = info_nce_from_masks(similarity, positive_mask, negative_mask, self.temperature)
-        else:
-            distance = cosine_to_euclidean(similarity)
-            loss, _, _ = triplet_margin_from_masks(
-                distance, positive_mask, negative_mask, self.margin
+        batch_size = unit.shape[0]
+        total: Tensor | None = None
+        stats: dict[str, Any] = {}
+        stats.update(_radius_stats("", radii[0][0]))
+        for index, positive, negative, weight in active:
+            positive_mask, negative_mask = spatial_pair_masks(
+                distance, positive[:, None], negative[:, None], exclude=excluded
             )
-
-        num_batch_positive = int(batch_positive.sum())
-        num_batch_negative = int(batch_negative.sum())
-        self.stats = {
-            "num_positive_pairs": int(positive_mask.sum()),
-            "num_batch_positive_pairs": num_batch_positive,
-            "num_bank_positive_pairs": int(positive_mask.sum()) - num_batch_positive,
-            "num_negative_pairs": int(negative_mask.sum()),
-            "num_bank_negative_pairs": int(negative_mask.sum()) - num_batch_negative,
+            if isinstance(self.loss, BaseMetricLossFunction):
+                value = self._metric_learning_loss(unit, positive_mask, negative_mask, slots)
+            elif self.loss == "infonce":
+                value, _ = info_nce_from_masks(
+                    similarity, positive_mask, negative_mask, self.temperature
+                )
+            else:
+                value, _, _ = triplet_margin_from_masks(
+                    cosine_to_euclidean(similarity), positive_mask, negative_mask, self.margin
+                )
+            total = weight * value if total is None else total + weight * value
+            counts = {
+                "num_positive_pairs": int(positive_mask.sum()),
+                "num_batch_positive_pairs": int(positive_mask[:, :batch_size].sum()),
+                "num_negative_pairs": int(negative_mask.sum()),
+                "num_batch_negative_pairs": int(negative_mask[:, :batch_size].sum()),
+            }
+            counts["num_bank_positive_pairs"] = (
+                counts["num_positive_pairs"] - counts["num_batch_positive_pairs"]
+            )
+            counts["num_bank_negative_pairs"] = (
+                counts["num_negative_pairs"] - counts["num_batch_negative_pairs"]
+            )
+            for key, count in counts.items():
+                stats[key] = stats.get(key, 0) + count
+            if len(radii) > 1:
+                stats.update(_radius_stats(f"scale{index}_", positive))
+                stats.update({f"scale{index}_{key}": count for key, count in counts.items()})
+                stats[f"scale{index}_loss"] = float(value.detach())
+        loss = zero_loss(unit) if total is None else total
+        stats.pop("num_batch_negative_pairs", None)
+        stats.update({
             "num_filtered_negatives": num_filtered,
             "bank_size": bank_size,
             "used_bank": used_bank,
             "mining_time_s": mining_time_s,
             "index_build_time_s": self._index_build_time_s,
             "audit_negative_recall": audit_recall,
-        }
+        })
+        self.stats = stats
 
         logger.debug(
             "step %d: %d bank positives, %d bank negatives, %d filtered, mining %.1f ms",
             int(self.step),
-            self.stats["num_bank_positive_pairs"],
-            self.stats["num_bank_negative_pairs"],
+            stats.get("num_bank_positive_pairs", 0),
+            stats.get("num_bank_negative_pairs", 0),
             num_filtered,
             1000 * mining_time_s,
         )
@@ -356,30 +430,34 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     def _assemble(
         self,
         unit: Tensor,
-        batch_positive: Tensor,
-        batch_negative: Tensor,
-        positive_slots: Tensor,
-        negative_slots: Tensor,
+        coordinates: Tensor,
+        batch_distance: Tensor,
+        self_pairs: Tensor,
+        slots: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Concatenate batch and bank references into ``(B, B + P + K)`` matrices."""
+        """Concatenate batch and bank references into ``(B, B + C)`` matrices.
+
+        Returns:
+            ``(similarity, spatial_distance, excluded)``: cosine similarities, spatial distances
+            and the mask of pairs never used (self pairs and empty slots).
+        """
         similarity = unit @ unit.T
-        if positive_slots.shape[1] + negative_slots.shape[1] == 0:
-            return similarity, batch_positive, batch_negative
-
-        slots = torch.cat([positive_slots, negative_slots], dim=1)
-        references = self.bank.embeddings[slots.clamp_min(0)].to(unit.dtype)
-        bank_similarity = torch.einsum("bd,bkd->bk", unit, references)
-
+        if slots.shape[1] == 0:
+            return similarity, batch_distance, self_pairs
         filled = slots >= 0
-        num_positive_columns = positive_slots.shape[1]
-        bank_positive = filled.clone()
-        bank_positive[:, num_positive_columns:] = False
-        bank_negative = filled.clone()
-        bank_negative[:, :num_positive_columns] = False
+        safe_slots = slots.clamp_min(0)
+        references = self.bank.embeddings[safe_slots].to(unit.dtype)
+        bank_similarity = torch.einsum("bd,bkd->bk", unit, references)
+        bank_distance = paired_distance(
+            coordinates[:, None, :],
+            self.bank.coordinates[safe_slots],
+            metric=self.metric,
+            coordinate_order=self.coordinate_order,
+        )
         return (
             torch.cat([similarity, bank_similarity], dim=1),
-            torch.cat([batch_positive, bank_positive], dim=1),
-            torch.cat([batch_negative, bank_negative], dim=1),
+            torch.cat([batch_distance, bank_distance], dim=1),
+            torch.cat([self_pairs, ~filled], dim=1),
         )
 
     def _metric_learning_loss(
@@ -387,8 +465,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         unit: Tensor,
         positive_mask: Tensor,
         negative_mask: Tensor,
-        positive_slots: Tensor,
-        negative_slots: Tensor,
+        slots: Tensor,
     ) -> Tensor:
         """Score the mined pairs with the wrapped pytorch-metric-learning loss.
 
@@ -397,7 +474,6 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         anchors without a positive or without a negative are dropped, as in the built-in losses.
         """
         batch_size = unit.shape[0]
-        slots = torch.cat([positive_slots, negative_slots], dim=1)
         filled = slots >= 0
         unique_slots, inverse = torch.unique(slots[filled], return_inverse=True)
         columns = torch.arange(batch_size, device=unit.device).expand(batch_size, -1)
@@ -430,53 +506,74 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         return (bank_ids == ids[:, None]) & (bank_ids != NO_ID)
 
     @torch.no_grad()
-    def _mine_positives(self, coordinates: Tensor, ids: Tensor | None, bank_size: int) -> Tensor:
-        """Return ``(B, P)`` bank slots within the positive radius, nearest first, ``-1`` padded.
+    def _nearest_bank_entries(
+        self,
+        coordinates: Tensor,
+        ids: Tensor | None,
+        bank_size: int,
+        k: int,
+        radius: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Return each anchor's ``k`` spatially nearest usable bank entries.
+
+        Usable entries pass the age and same-entity filters. With ``radius`` (``(B,)``), only
+        entries strictly inside the anchor's radius count (the bank positives); without it,
+        the nearest whatever their distance (for density-adaptive radii).
 
         With ``positive_index="balltree"`` the tree covers the bank as it was at its build,
         minus the slots overwritten since, and an exact scan covers the rows written since.
-        Both searches give the same positives.
+        Both searches give the same entries up to ties in distance.
+
+        Returns:
+            ``(slots, distance)``, each ``(B, k)``, nearest first, padded with ``-1`` and
+            ``inf``.
         """
-        radius = self.distance_threshold
+        num_anchors = coordinates.shape[0]
+        limit = (
+            torch.full((num_anchors,), math.inf, dtype=torch.float64, device=coordinates.device)
+            if radius is None
+            else radius
+        )
         options = {"metric": self.metric, "coordinate_order": self.coordinate_order}
         if self.positive_index == "exact":
-            slots = torch.arange(bank_size, device=coordinates.device)
-            rows, slots, distance = exact_radius_candidates(
-                coordinates, self.bank.coordinates[:bank_size], slots, radius, **options
+            every_slot = torch.arange(bank_size, device=coordinates.device)
+            rows, slots, distance = nearest_candidates(
+                coordinates, self.bank.coordinates[:bank_size], every_slot, limit, k,
+                usable=lambda rows, slots: self._usable_positives(ids, rows, slots), **options
             )
-            keep = self._usable_positives(ids, rows, slots)
-            rows, slots, distance = rows[keep], slots[keep], distance[keep]
         else:
             tree = self._positive_tree(bank_size)
             tree_state = self._tree_state[1:]
 
-            def from_tree(rows: Tensor, slots: Tensor, distance: Tensor) -> tuple[Tensor, ...]:
-                keep = self._usable_positives(ids, rows, slots)
-                keep &= ~self.bank.overwritten_since(*tree_state, slots)
-                return rows[keep], slots[keep], distance[keep]
+            def from_tree(rows: Tensor, slots: Tensor) -> Tensor:
+                usable = self._usable_positives(ids, rows, slots)
+                return usable & ~self.bank.overwritten_since(*tree_state, slots)
 
-            # The nearest few, with room for those the filters drop. An anchor left short while
-            # its farthest fetched row is still inside the radius gets a full radius query.
-            *found, saturated = tree.query_nearest(coordinates, radius, self.max_positives + 16)
-            rows, slots, distance = from_tree(*found)
-            kept = torch.bincount(rows, minlength=coordinates.shape[0])
-            short = torch.nonzero(saturated & (kept < self.max_positives)).flatten()
-            if short.numel() > 0:
-                more_rows, more_slots, more_distance = from_tree(*tree.query(coordinates[short], radius))
-                again = torch.isin(rows, short)
-                rows = torch.cat([rows[~again], short[more_rows]])
-                slots = torch.cat([slots[~again], more_slots])
-                distance = torch.cat([distance[~again], more_distance])
-
+            rows, slots, distance = tree.query_nearest_usable(coordinates, limit, k, from_tree)
             recent = self.bank.slots_written_since(*tree_state)
-            recent_rows, recent_slots, recent_distance = exact_radius_candidates(
-                coordinates, self.bank.coordinates[recent], recent, radius, **options
+            more = nearest_candidates(
+                coordinates, self.bank.coordinates[recent], recent, limit, k,
+                usable=lambda rows, slots: self._usable_positives(ids, rows, slots), **options
             )
-            keep = self._usable_positives(ids, recent_rows, recent_slots)
-            rows = torch.cat([rows, recent_rows[keep]])
-            slots = torch.cat([slots, recent_slots[keep]])
-            distance = torch.cat([distance, recent_distance[keep]])
-        return nearest_per_row(rows, slots, distance, coordinates.shape[0], self.max_positives)
+            rows = torch.cat([rows, more[0]])
+            slots = torch.cat([slots, more[1]])
+            distance = torch.cat([distance, more[2]])
+        return nearest_per_row(rows, slots, distance, num_anchors, k, return_distance=True)
+
+    def _mine_positives(
+        self, coordinates: Tensor, ids: Tensor | None, bank_size: int, radius: Tensor | None = None
+    ) -> Tensor:
+        """Return ``(B, P)`` bank positive slots within ``radius``, nearest first.
+
+        ``radius`` is ``(B,)``; by default the fixed positive radius of a single-radius loss.
+        """
+        if radius is None:
+            assert self.distance_threshold is not None
+            radius = torch.full(
+                (coordinates.shape[0],), self.distance_threshold, dtype=torch.float64,
+                device=coordinates.device,
+            )
+        return self._nearest_bank_entries(coordinates, ids, bank_size, self.max_positives, radius)[0]
 
     def _usable_positives(self, ids: Tensor | None, rows: Tensor, slots: Tensor) -> Tensor:
         """Mask of candidate pairs that pass the age and same-entity filters."""
@@ -494,6 +591,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         coordinates: Tensor,
         ids: Tensor | None,
         bank_size: int,
+        negative_radius: Tensor,
         negative_slots: Tensor,
     ) -> float:
         """Return the recall of the mined negatives against exact mining on a sample of anchors.
@@ -510,6 +608,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             coordinates[sample],
             None if ids is None else ids[sample],
             bank_size,
+            negative_radius[:, sample],
             exact=True,
         )
         found = negative_slots[sample]
@@ -584,31 +683,44 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         coordinates: Tensor,
         ids: Tensor | None,
         bank_size: int,
+        negative_radius: Tensor | None = None,
         *,
         exact: bool = False,
     ) -> tuple[Tensor, int]:
-        """Return ``(B, K)`` hard-negative slots, most similar first, ``-1`` padded.
+        """Return ``(B, S * K)`` hard-negative slots, ``K`` per scale, most similar first.
 
-        Candidates come from the inner-product index over the bank snapshot. Candidates inside
-        the negative radius, with the anchor's id, or in slots overwritten since the snapshot
-        are dropped. Rows left with fewer than ``K`` survivors are searched again with four times
-        as many candidates, until the whole snapshot has been examined. With ``exact=True`` a
-        fresh exact index over the current bank replaces the snapshot, which the mining audit
-        uses as ground truth.
+        Candidates come from the inner-product index over the bank. For each scale, candidates
+        inside that scale's negative radius, with the anchor's id, or in slots overwritten since
+        a snapshot index was built are dropped. Rows left with fewer than ``K`` survivors at some
+        scale are searched again with four times as many candidates, until the whole index has
+        been examined. With ``exact=True`` an exact index over the current bank replaces the
+        mining index; the mining audit uses it as ground truth.
+
+        Args:
+            negative_radius: ``(S, B)`` negative radius of each scale and anchor. Default: the
+                fixed ``negative_threshold``, one scale.
 
         Returns:
-            ``(slots, num_filtered)``, where ``num_filtered`` counts candidates dropped for lying
-            inside the negative radius, among those ranked above each anchor's last kept one.
+            ``(slots, num_filtered)``: slots padded with ``-1``, scale after scale, and the
+            number of candidates dropped for lying inside a negative radius, among those ranked
+            above each anchor's last kept one, summed over scales.
         """
+        batch_size = unit.shape[0]
+        if negative_radius is None:
+            assert self.negative_threshold is not None
+            negative_radius = torch.full(
+                (1, batch_size), self.negative_threshold, dtype=torch.float64, device=unit.device
+            )
         if exact:
             index: EmbeddingIndex = TorchIndex()
             index.build(self.bank.embeddings[:bank_size])
         else:
             index = self._negative_index(bank_size)
         snapshot_rows = index.num_rows
-        batch_size = unit.shape[0]
+        num_scales = negative_radius.shape[0]
         k = self.num_negatives
-        result = torch.full((batch_size, k), -1, dtype=torch.int64, device=unit.device)
+        result = torch.full((num_scales, batch_size, k), -1, dtype=torch.int64, device=unit.device)
+        pending = torch.ones(num_scales, batch_size, dtype=torch.bool, device=unit.device)
         rows = torch.arange(batch_size, device=unit.device)
         fetch = min(snapshot_rows, self.k_fetch)
         num_filtered = 0
@@ -623,35 +735,42 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
                 metric=self.metric,
                 coordinate_order=self.coordinate_order,
             )
-            too_close = found & (distance < self.negative_threshold)
-            accepted = found & ~too_close
-            if not exact:
-                accepted &= ~self.bank.overwritten_since(*self._index_state[1:], slots)
+            usable = found.clone()
+            if not exact and not index.references_input:
+                usable &= ~self.bank.overwritten_since(*self._index_state[1:], slots)
             same_id = self._same_id(None if ids is None else ids[rows], self.bank.ids[slots])
             if same_id is not None:
-                accepted &= ~same_id
+                usable &= ~same_id
             if self.max_age is not None:
-                accepted &= self._fresh_slots(slots)
-
-            rank = torch.cumsum(accepted.to(torch.int64), dim=1)
-            selected = accepted & (rank <= k)
-            count = selected.sum(dim=1)
-            done = (count == k) | (fetch >= snapshot_rows)
-
-            # Candidates examined per row: up to the last selected one, or all when too few remain.
-            examined = torch.where(count == k, (rank < k).sum(dim=1) + 1, slots.shape[1])
+                usable &= self._fresh_slots(slots)
+            exhausted = fetch >= snapshot_rows
             position = torch.arange(slots.shape[1], device=unit.device)
-            counted = too_close & (position[None, :] < examined[:, None]) & done[:, None]
-            num_filtered += int(counted.sum())
 
-            keep_rows = selected & done[:, None]
-            row_index = rows[:, None].expand_as(slots)[keep_rows]
-            result[row_index, (rank - 1)[keep_rows]] = slots[keep_rows]
+            for scale in range(num_scales):
+                waiting = pending[scale, rows]
+                if not waiting.any():
+                    continue
+                too_close = found & (distance < negative_radius[scale, rows][:, None])
+                accepted = usable & ~too_close
+                rank = torch.cumsum(accepted.to(torch.int64), dim=1)
+                selected = accepted & (rank <= k)
+                count = selected.sum(dim=1)
+                done = waiting & ((count == k) | exhausted)
 
-            rows = rows[~done]
+                # Candidates examined per row: up to the last selected one, or all of them.
+                examined = torch.where(count == k, (rank < k).sum(dim=1) + 1, slots.shape[1])
+                counted = too_close & (position[None, :] < examined[:, None]) & done[:, None]
+                num_filtered += int(counted.sum())
+
+                keep = selected & done[:, None]
+                row_index = rows[:, None].expand_as(slots)[keep]
+                result[scale, row_index, (rank - 1)[keep]] = slots[keep]
+                pending[scale, rows[done]] = False
+
+            rows = rows[pending[:, rows].any(dim=0)]
             fetch = min(snapshot_rows, fetch * 4)
 
-        return result, num_filtered
+        return result.permute(1, 0, 2).reshape(batch_size, num_scales * k), num_filtered
 
     def extra_repr(self) -> str:
         return (

@@ -7,6 +7,9 @@ the nearest few per anchor.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from sklearn.neighbors import BallTree
@@ -15,12 +18,16 @@ from torch import Tensor
 from annloss.coordinates import (
     EARTH_RADIUS_KM,
     paired_distance,
-    radius_to_cosine,
     to_latlon,
     unit_vectors,
 )
 
-__all__ = ["BallTreeRadiusIndex", "exact_radius_candidates", "nearest_per_row"]
+__all__ = [
+    "BallTreeRadiusIndex",
+    "exact_radius_candidates",
+    "nearest_candidates",
+    "nearest_per_row",
+]
 
 # Reference columns scanned at once by the exact search; bounds its (B, chunk) temporaries.
 _SCAN_CHUNK = 65_536
@@ -34,11 +41,19 @@ def _empty_candidates(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     return empty, empty.clone(), torch.empty(0, dtype=torch.float64, device=device)
 
 
+def _per_anchor(radius: float | Tensor, anchors: Tensor) -> Tensor:
+    """``radius`` as a ``(B,)`` float64 tensor on the anchors' device."""
+    if isinstance(radius, Tensor):
+        return radius.to(device=anchors.device, dtype=torch.float64)
+    return torch.full((anchors.shape[0],), float(radius), dtype=torch.float64,
+                      device=anchors.device)
+
+
 def exact_radius_candidates(
     anchors: Tensor,
     references: Tensor,
     reference_slots: Tensor,
-    radius: float,
+    radius: float | Tensor,
     *,
     metric: str,
     coordinate_order: str,
@@ -51,15 +66,18 @@ def exact_radius_candidates(
 
     Shape:
         - anchors: ``(B, 2)``; references: ``(C, 2)``; reference_slots: ``(C,)`` bank slots.
+        - radius: a number, or ``(B,)`` with one radius per anchor.
         - output: ``(rows, slots, distance)``, each ``(P,)``.
     """
     if references.shape[0] == 0 or anchors.shape[0] == 0:
         return _empty_candidates(anchors.device)
 
+    radius = _per_anchor(radius, anchors)
     haversine = metric == "haversine"
     if haversine:
         anchor_vectors = unit_vectors(anchors, coordinate_order=coordinate_order)
-        min_cosine = radius_to_cosine(radius) - 1e-12
+        angle = (radius / EARTH_RADIUS_KM).clamp(max=math.pi)
+        min_cosine = (torch.cos(angle) - 1e-12)[:, None]
 
     found_rows, found_columns = [], []
     for start in range(0, references.shape[0], _SCAN_CHUNK):
@@ -69,7 +87,9 @@ def exact_radius_candidates(
             rows, columns = torch.nonzero(cosine >= min_cosine, as_tuple=True)
         else:
             difference = anchors[:, None, :] - block[None, :, :]
-            rows, columns = torch.nonzero((difference**2).sum(-1) < radius**2, as_tuple=True)
+            rows, columns = torch.nonzero(
+                (difference**2).sum(-1) < radius[:, None] ** 2, as_tuple=True
+            )
         found_rows.append(rows)
         found_columns.append(columns + start)
 
@@ -78,8 +98,63 @@ def exact_radius_candidates(
     distance = paired_distance(
         anchors[rows], references[columns], metric=metric, coordinate_order=coordinate_order
     )
-    inside = distance < radius
+    inside = distance < radius[rows]
     return rows[inside], reference_slots[columns[inside]], distance[inside]
+
+
+def nearest_candidates(
+    anchors: Tensor,
+    references: Tensor,
+    reference_slots: Tensor,
+    radius: Tensor,
+    k: int,
+    *,
+    usable: Callable[[Tensor, Tensor], Tensor],
+    metric: str,
+    coordinate_order: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact scan for candidates of each anchor's ``k`` nearest usable references in ``radius``.
+
+    Returns at least the ``k`` nearest usable pairs strictly within each anchor's radius,
+    possibly more; :func:`nearest_per_row` keeps the ``k`` nearest. ``usable(rows, slots)``
+    masks pairs that may be used. An infinite radius scans every reference in chunks and keeps
+    the ``k`` nearest of each chunk, so memory stays bounded.
+
+    Shape:
+        - anchors: ``(B, 2)``; references: ``(C, 2)``; reference_slots: ``(C,)``;
+          radius: ``(B,)``.
+        - output: ``(rows, slots, distance)``, each ``(P,)``.
+    """
+    if references.shape[0] == 0 or anchors.shape[0] == 0 or k == 0:
+        return _empty_candidates(anchors.device)
+    if torch.isfinite(radius).all():
+        rows, slots, distance = exact_radius_candidates(
+            anchors, references, reference_slots, radius,
+            metric=metric, coordinate_order=coordinate_order,
+        )
+        keep = usable(rows, slots)
+        return rows[keep], slots[keep], distance[keep]
+
+    found_rows, found_slots, found_distance = [], [], []
+    all_rows = torch.arange(anchors.shape[0], device=anchors.device)
+    for start in range(0, references.shape[0], _SCAN_CHUNK // 8):
+        block_slots = reference_slots[start : start + _SCAN_CHUNK // 8]
+        distance = paired_distance(
+            anchors[:, None, :],
+            references[start : start + _SCAN_CHUNK // 8][None, :, :],
+            metric=metric,
+            coordinate_order=coordinate_order,
+        )
+        rows = all_rows[:, None].expand_as(distance)
+        slots = block_slots[None, :].expand_as(distance)
+        allowed = usable(rows.reshape(-1), slots.reshape(-1)).reshape(distance.shape)
+        distance = distance.masked_fill(~allowed | (distance >= radius[:, None]), math.inf)
+        nearest, columns = torch.topk(distance, min(k, distance.shape[1]), dim=1, largest=False)
+        finite = torch.isfinite(nearest)
+        found_rows.append(all_rows[:, None].expand_as(columns)[finite])
+        found_slots.append(block_slots[columns][finite])
+        found_distance.append(nearest[finite])
+    return torch.cat(found_rows), torch.cat(found_slots), torch.cat(found_distance)
 
 
 class BallTreeRadiusIndex:
@@ -159,7 +234,7 @@ class BallTreeRadiusIndex:
 
 
     def query_nearest(
-        self, anchors: Tensor, radius: float, k: int
+        self, anchors: Tensor, radius: float | Tensor, k: int
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return each anchor's ``k`` nearest snapshot rows, kept when strictly within ``radius``.
 
@@ -195,33 +270,77 @@ class BallTreeRadiusIndex:
             metric=self.metric,
             coordinate_order=self.coordinate_order,
         )
-        inside = distance < radius
+        inside = distance < _per_anchor(radius, anchors)[:, None]
         saturated = inside[:, -1]
         return rows[inside], slots[inside], distance[inside], saturated
 
+    def query_nearest_usable(
+        self,
+        anchors: Tensor,
+        radius: float | Tensor,
+        k: int,
+        usable: Callable[[Tensor, Tensor], Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Return up to ``k`` nearest rows per anchor within ``radius`` that pass ``usable``.
+
+        ``usable(rows, slots)`` masks the pairs that may be used (for example entries of the
+        anchor's own entity are not). The query fetches ``k + 16`` rows; an anchor left with
+        fewer than ``k`` usable rows while its farthest fetched row is still inside the radius
+        is queried again with four times as many, until the tree is exhausted.
+        """
+        radius = _per_anchor(radius, anchors)
+        fetch = k + 16
+        active = torch.arange(anchors.shape[0], device=anchors.device)
+        found_rows, found_slots, found_distance = [], [], []
+        while active.numel() > 0:
+            rows, slots, distance, saturated = self.query_nearest(
+                anchors[active], radius[active], fetch
+            )
+            rows = active[rows]
+            keep = usable(rows, slots)
+            rows, slots, distance = rows[keep], slots[keep], distance[keep]
+            kept = torch.bincount(rows, minlength=anchors.shape[0])[active]
+            short = saturated & (kept < k) & (fetch < self.num_rows)
+            final = ~torch.isin(rows, active[short])
+            found_rows.append(rows[final])
+            found_slots.append(slots[final])
+            found_distance.append(distance[final])
+            active = active[short]
+            fetch *= 4
+        return torch.cat(found_rows), torch.cat(found_slots), torch.cat(found_distance)
+
 
 def nearest_per_row(
-    rows: Tensor, slots: Tensor, distance: Tensor, num_rows: int, k: int
-) -> Tensor:
+    rows: Tensor,
+    slots: Tensor,
+    distance: Tensor,
+    num_rows: int,
+    k: int,
+    *,
+    return_distance: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Keep the ``k`` nearest candidates of each anchor.
 
     Returns:
-        ``(num_rows, k)`` int64 slots, nearest first, ``-1`` where an anchor has fewer.
+        ``(num_rows, k)`` int64 slots, nearest first, ``-1`` where an anchor has fewer; with
+        ``return_distance``, also their ``(num_rows, k)`` float64 distances, ``inf`` padded.
     """
     result = torch.full((num_rows, k), -1, dtype=torch.int64, device=rows.device)
+    distances = torch.full((num_rows, k), math.inf, dtype=torch.float64, device=rows.device)
     if rows.numel() == 0 or k == 0:
-        return result
+        return (result, distances) if return_distance else result
 
     # Sort by slot, then stably by distance, then stably by row: each row's candidates come
     # nearest first, and ties at equal distance fall in slot order whatever the search was.
     order = torch.argsort(slots, stable=True)
     order = order[torch.argsort(distance[order], stable=True)]
     order = order[torch.argsort(rows[order], stable=True)]
-    rows, slots = rows[order], slots[order]
+    rows, slots, distance = rows[order], slots[order], distance[order]
 
     counts = torch.bincount(rows, minlength=num_rows)
     row_start = torch.cumsum(counts, 0) - counts
     rank = torch.arange(rows.numel(), device=rows.device) - row_start[rows]
     within_k = rank < k
     result[rows[within_k], rank[within_k]] = slots[within_k]
-    return result
+    distances[rows[within_k], rank[within_k]] = distance[within_k].to(torch.float64)
+    return (result, distances) if return_distance else result

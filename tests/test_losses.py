@@ -37,7 +37,13 @@ def test_contrastive_three_points_by_hand():
     loss = criterion(THREE_EMBEDDINGS, THREE_LONLAT)
     assert float(loss) == pytest.approx(1.631835283954839, abs=1e-12)
     assert float(loss) == pytest.approx(math.log1p(math.exp(math.sqrt(2))), abs=1e-12)
-    assert criterion.stats == {"num_positive_pairs": 2, "num_negative_pairs": 4}
+    assert criterion.stats == {
+        "num_positive_pairs": 2,
+        "num_negative_pairs": 4,
+        "radius_min": 100.0,
+        "radius_median": 100.0,
+        "radius_max": 100.0,
+    }
 
 
 def test_triplet_three_points_by_hand():
@@ -47,7 +53,13 @@ def test_triplet_three_points_by_hand():
     expected = math.sqrt(2) - math.sqrt(2 - math.sqrt(2)) + 1.0
     assert float(loss) == pytest.approx(expected, abs=1e-12)
     assert float(loss) == pytest.approx(1.6488467, abs=1e-7)
-    assert criterion.stats == {"num_triplets": 2, "num_active_triplets": 2}
+    assert criterion.stats == {
+        "num_triplets": 2,
+        "num_active_triplets": 2,
+        "radius_min": 100.0,
+        "radius_median": 100.0,
+        "radius_max": 100.0,
+    }
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -221,7 +233,7 @@ def test_many_triplets_stay_quadratic_in_memory():
         ),
         ({"distance_threshold": 100.0, "temperature": 0.0}, ValueError, r"temperature must be"),
         ({"distance_threshold": 100.0, "metric": "cosine"}, ValueError, r"metric must be"),
-        ({"distance_threshold": "100"}, TypeError, r"distance_threshold must be a number"),
+        ({"distance_threshold": "100"}, TypeError, r"distance_threshold must be a number or a RadiusPolicy"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, error, message):
