@@ -67,8 +67,8 @@ class EmbeddingIndex(ABC):
     exact: bool = False
     #: Whether :meth:`update` can replace rows without a rebuild.
     supports_update: bool = False
-    #: Whether :meth:`build` keeps a reference to the embeddings instead of copying them; such
-    #: an index costs nothing to rebuild and sees later writes to the tensor.
+    #: Whether :meth:`build` keeps a reference to the embeddings instead of copying them. Such
+    #: an index costs nothing to rebuild, and later writes to the tensor show in its searches.
     references_input: bool = False
 
     def __init__(self) -> None:

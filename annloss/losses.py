@@ -225,6 +225,12 @@ class SpatialContrastiveLoss(_SpatialPairLoss):
         temperature: :math:`\tau > 0`. Default: 0.1.
         negative_threshold: radius from which pairs are negatives, ``>= distance_threshold``,
             same unit. Pairs between the two radii are ignored. Default: ``distance_threshold``.
+        radius: instead of ``distance_threshold``, a number or a radius policy from
+            :mod:`annloss.radius` (``QuantileRadius``, ``KNNRadius``, ``TargetPositives``,
+            ``FixedRadius``) that sets one positive and one negative radius per anchor.
+        scales: instead of a single radius, ``[(radius, weight), ...]``: the loss is the
+            weighted sum of one term per scale, each with its own masks. See
+            :func:`annloss.radius.log_scales`.
         metric: ``"haversine"`` (great-circle km on degrees) or ``"euclidean"`` (projected
             coordinates, e.g. EPSG:4087 metres). Default: ``"haversine"``.
         coordinate_order: ``"lonlat"`` (GeoJSON, GeoLM) or ``"latlon"``. Default: ``"lonlat"``.
@@ -303,6 +309,12 @@ class SpatialTripletLoss(_SpatialPairLoss):
             ``"euclidean"``.
         margin: :math:`m \ge 0`, in embedding distance. Default: 1.0.
         negative_threshold: radius from which pairs are negatives. Default: ``distance_threshold``.
+        radius: instead of ``distance_threshold``, a number or a radius policy from
+            :mod:`annloss.radius` (``QuantileRadius``, ``KNNRadius``, ``TargetPositives``,
+            ``FixedRadius``) that sets one positive and one negative radius per anchor.
+        scales: instead of a single radius, ``[(radius, weight), ...]``: the loss is the
+            weighted sum of one term per scale, each with its own masks. See
+            :func:`annloss.radius.log_scales`.
         metric: ``"haversine"`` or ``"euclidean"``. Default: ``"haversine"``.
         coordinate_order: ``"lonlat"`` or ``"latlon"``. Default: ``"lonlat"``.
         reduction: ``"nonzero_mean"`` or ``"mean"``. Default: ``"nonzero_mean"``.

@@ -57,7 +57,7 @@ def _drop_repeats(slots: Tensor) -> Tensor:
     """Replace the second and later occurrences of a slot within each row by ``-1``.
 
     With several scales one bank entry can be mined as a positive and as a negative of another
-    scale, or as a negative of two scales; it must enter the loss once per anchor.
+    scale, or as a negative of two scales. It must enter the loss once per anchor.
     """
     if slots.shape[1] < 2:
         return slots
@@ -112,6 +112,12 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             ``metric="euclidean"``.
         negative_threshold: radius from which pairs are negatives, same unit, ``>=
             distance_threshold``. Default: ``distance_threshold`` (no ignore band).
+        radius: instead of ``distance_threshold``, a number or a radius policy from
+            :mod:`annloss.radius` (``QuantileRadius``, ``KNNRadius``, ``TargetPositives``,
+            ``FixedRadius``) that sets one positive and one negative radius per anchor.
+        scales: instead of a single radius, ``[(radius, weight), ...]``: the loss is the
+            weighted sum of one term per scale, each with its own masks. See
+            :func:`annloss.radius.log_scales`.
         memory_size: bank capacity ``M`` in entries. Default: 65,536.
         num_negatives: hard negatives mined per anchor ``K``. Default: 64.
         max_positives: bank positives kept per anchor ``P``. Default: 64.
@@ -180,7 +186,10 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     ``num_filtered_negatives`` (mined candidates dropped for lying inside the negative radius),
     ``bank_size`` (entries before this call's batch was added), ``used_bank``,
     ``mining_time_s`` (rebuilds included) and ``index_build_time_s`` (time spent in this call
-    rebuilding the IVF or HNSW index and the BallTree; 0 when nothing was rebuilt).
+    rebuilding the IVF or HNSW index and the BallTree; 0 when nothing was rebuilt). It also has
+    ``radius_min``, ``radius_median`` and ``radius_max`` of the first scale's positive radii and,
+    with several scales, each scale's radii, pair counts and loss under ``scale{i}_``; pair
+    counts and ``num_filtered_negatives`` are summed over scales.
 
     Example:
         >>> import torch
@@ -617,7 +626,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         return float(hits.sum()) / max(int(expected_filled.sum()), 1)
 
     def _is_incremental(self, index: EmbeddingIndex) -> bool:
-        """Whether bank writes go into ``index`` at once instead of waiting for a rebuild."""
+        """Return whether bank writes go into ``index`` at once instead of at a rebuild."""
         if index.references_input:
             return True
         return index.supports_update and self.incremental is not False

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: Given ``k``, returns ``(B, k)`` float64 distances from each anchor to its ``k`` nearest usable
-#: bank entries, ascending, ``inf`` where the bank holds fewer.
+#: bank entries, ascending, ``inf`` where the bank has fewer.
 BankNearest = Callable[[int], Tensor]
 
 
@@ -161,7 +161,7 @@ class FixedRadius(RadiusPolicy):
 
 
 def _linear_quantile(values: Tensor, q: float) -> Tensor:
-    """The ``q``-quantile of 1-D ``values`` with linear interpolation (numpy's default).
+    """Return the ``q``-quantile of 1-D ``values``, interpolated linearly as numpy does.
 
     Sorting instead of ``torch.quantile`` avoids its limit of 2**24 elements (a batch of 5,793).
     """
@@ -204,7 +204,7 @@ class QuantileRadius(RadiusPolicy):
 
 
 def _kth_in_batch(batch_distance: Tensor, k: int) -> Tensor:
-    """Each row's ``k``-th smallest distance, ``inf`` where the row has fewer than ``k``."""
+    """Return each row's ``k``-th smallest distance, ``inf`` where the row has fewer."""
     if k > batch_distance.shape[1]:
         return torch.full((batch_distance.shape[0],), math.inf, dtype=torch.float64,
                           device=batch_distance.device)
@@ -215,8 +215,8 @@ class KNNRadius(RadiusPolicy):
     """The distance to the anchor's ``k``-th nearest place, times ``scale``.
 
     Dense regions get small radii and empty ones large radii. The memory-bank loss measures the
-    distance in its bank (through its BallTree), where the density of the training data shows;
-    the in-batch losses measure it among the other places of the batch. An anchor with fewer
+    distance in its bank, through its BallTree, because the bank shows the density of the
+    training data. The in-batch losses measure it among the other places of the batch. An anchor with fewer
     than ``k`` places gets ``max_radius``.
 
     Args:

@@ -284,8 +284,8 @@ class BallTreeRadiusIndex:
         """Return up to ``k`` nearest rows per anchor within ``radius`` that pass ``usable``.
 
         ``usable(rows, slots)`` masks the pairs that may be used (for example entries of the
-        anchor's own entity are not). The query fetches ``k + 16`` rows; an anchor left with
-        fewer than ``k`` usable rows while its farthest fetched row is still inside the radius
+        anchor's own entity are not). The query fetches ``k + 16`` rows. An anchor left with
+        fewer than ``k`` usable rows, while its farthest fetched row is still inside the radius,
         is queried again with four times as many, until the tree is exhausted.
         """
         radius = _per_anchor(radius, anchors)
@@ -299,8 +299,8 @@ class BallTreeRadiusIndex:
             rows = active[rows]
             keep = usable(rows, slots)
             rows, slots, distance = rows[keep], slots[keep], distance[keep]
-            kept = torch.bincount(rows, minlength=anchors.shape[0])[active]
-            short = saturated & (kept < k) & (fetch < self.num_rows)
+            num_usable = torch.bincount(rows, minlength=anchors.shape[0])[active]
+            short = saturated & (num_usable < k) & (fetch < self.num_rows)
             final = ~torch.isin(rows, active[short])
             found_rows.append(rows[final])
             found_slots.append(slots[final])

@@ -108,11 +108,28 @@ def test_sample_pairs_are_distinct_places():
     assert pairs.max() == 4
 
 
-def test_evaluator_returns_three_metrics():
+def test_evaluator_returns_four_metrics():
     coordinates = uniform_sphere_lonlat(200, seed=8)
     metrics = HeldOutEvaluator(coordinates, num_pairs=1000).evaluate(unit_xyz(coordinates))
-    assert set(metrics) == {"neighbour_recall_at_10", "median_nn_distance_km", "spearman"}
+    assert set(metrics) == {
+        "neighbour_recall_at_10",
+        "neighbour_recall_at_100",
+        "median_nn_distance_km",
+        "spearman",
+    }
     assert metrics["neighbour_recall_at_10"] == 1.0
+    assert metrics["neighbour_recall_at_100"] == 1.0
+
+
+def test_regional_recall_sees_what_local_recall_misses():
+    # Embeddings that keep only the coarse position (rounded to 40 degrees, about 40 places per
+    # cell here) lose the order inside a cell, so recall@10 falls far more than recall@100.
+    coordinates = uniform_sphere_lonlat(1000, seed=9)
+    coarse = np.round(coordinates / 40.0) * 40.0
+    noise = np.random.default_rng(0).normal(scale=1e-3, size=(1000, 3))
+    metrics = HeldOutEvaluator(coordinates, num_pairs=1000).evaluate(unit_xyz(coarse) + noise)
+    assert metrics["neighbour_recall_at_10"] < 0.4
+    assert metrics["neighbour_recall_at_100"] > metrics["neighbour_recall_at_10"] + 0.3
 
 
 # Tokeniser
@@ -224,6 +241,7 @@ def test_table_prints_missing_time_as_dash():
         {
             "method": "untrained",
             "neighbour_recall_at_10": 0.25,
+            "neighbour_recall_at_100": 0.5,
             "median_nn_distance_km": 12.34,
             "spearman": 0.5,
             "train_time_s": None,
@@ -231,7 +249,7 @@ def test_table_prints_missing_time_as_dash():
     ]
     lines = format_table(rows).splitlines()
     assert lines[0].split()[0] == "method"
-    assert lines[2].split() == ["untrained", "0.250", "12.3", "0.500", "-"]
+    assert lines[2].split() == ["untrained", "0.250", "0.500", "12.3", "0.500", "-"]
 
 
 @pytest.mark.parametrize(
@@ -275,6 +293,18 @@ def test_config_rejects_num_eval_of_one():
         DemoConfig(num_eval=1)
 
 
+def test_config_rejects_unknown_method():
+    with pytest.raises(InvalidConfigError, match=r"methods must be a non-empty selection"):
+        DemoConfig(methods=("in_batch", "no_such_method"))
+
+
+def test_cli_methods_reach_config():
+    from annloss.cli import _demo_config, build_parser
+
+    arguments = build_parser().parse_args(["demo", "--methods", "in_batch", "memory_bank"])
+    assert _demo_config(arguments).methods == ("in_batch", "memory_bank")
+
+
 # End to end
 
 
@@ -294,9 +324,20 @@ def test_tiny_demo_writes_results(tmp_path):
     results = run_demo(config)
 
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert [row["key"] for row in saved["rows"]] == ["untrained", "in_batch", "memory_bank"]
+    assert [row["key"] for row in saved["rows"]] == [
+        "untrained",
+        "in_batch",
+        "memory_bank",
+        "memory_bank_adaptive",
+        "memory_bank_multiscale",
+    ]
     for row in saved["rows"]:
-        for metric in ("neighbour_recall_at_10", "median_nn_distance_km", "spearman"):
+        for metric in (
+            "neighbour_recall_at_10",
+            "neighbour_recall_at_100",
+            "median_nn_distance_km",
+            "spearman",
+        ):
             assert np.isfinite(row[metric])
     assert saved["rows"][0]["train_time_s"] is None
     assert saved["rows"] == results["rows"]
@@ -310,6 +351,11 @@ def test_tiny_demo_writes_results(tmp_path):
     assert in_batch["initial_parameter_sum"] == memory_bank["initial_parameter_sum"]
     assert memory_bank["stats"]["bank_size"][-1] > 0
     assert "mining_time_s" in memory_bank["stats"]
+    # The fixed radius stays at 100 km; the k-nearest radius adapts within its clamp.
+    assert set(memory_bank["stats"]["radius_median"]) == {100.0}
+    adaptive = saved["training"]["memory_bank_adaptive"]["stats"]
+    assert all(25.0 <= value <= 400.0 for value in adaptive["radius_median"])
+    assert "scale2_num_positive_pairs" in saved["training"]["memory_bank_multiscale"]["stats"]
 
     assert saved["data"]["num_eval"] == 150
     assert saved["data"]["num_train"] == 1500

@@ -57,7 +57,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         from annloss.demo.report import plot_results, write_json
         from annloss.demo.train import (
             METHOD_LABELS,
-            METHODS,
             build_criterion,
             build_model,
             train_model,
@@ -98,7 +97,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         | evaluator.evaluate(embed(model))
     ]
     training: dict[str, Any] = {}
-    for method in METHODS:
+    for method in config.methods:
         model = build_model(data, config)
         criterion = build_criterion(method, config, model.output_dim)
         history = train_model(model, criterion, data, config, method=method, recall_fn=recall)

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import torch
 
+# Method names and the regional recall depth are plain constants of modules without optional
+# dependencies, so the CLI can validate arguments before the demo extra is imported.
+METHODS = ("in_batch", "memory_bank", "memory_bank_adaptive", "memory_bank_multiscale")
+REGIONAL_RECALL_K = 100
+
 __all__ = ["DemoConfig", "InvalidConfigError"]
 
 
@@ -65,6 +70,8 @@ class DemoConfig:
     min_population: int = 500
     #: Show tqdm progress bars.
     progress: bool = True
+    #: Training methods, in run order: a selection of ``METHODS``.
+    methods: tuple[str, ...] = METHODS
 
     @classmethod
     def quick(cls, **overrides: object) -> DemoConfig:
@@ -90,7 +97,7 @@ class DemoConfig:
         minimums = {
             "steps": 1,
             "batch_size": 2,
-            "num_eval": 12,
+            "num_eval": REGIONAL_RECALL_K + 1,
             "memory_size": 1,
             "num_negatives": 1,
             "num_neighbours": 1,
@@ -126,6 +133,12 @@ class DemoConfig:
             raise InvalidConfigError(
                 f"device {self.device!r} requested but CUDA is not available; use 'cpu'"
             )
+        unknown = [method for method in self.methods if method not in METHODS]
+        if unknown or not self.methods:
+            raise InvalidConfigError(
+                f"methods must be a non-empty selection of {METHODS}, got {self.methods!r}"
+            )
+        self.methods = tuple(self.methods)
         if self.min_population not in (500, 1000, 5000, 15000):
             raise InvalidConfigError(
                 f"min_population must be one of 500, 1000, 5000, 15000 (the tables that "

@@ -11,6 +11,7 @@ import torch
 from scipy.stats import spearmanr
 
 from annloss.coordinates import haversine_km, pairwise_haversine_km
+from annloss.demo.config import REGIONAL_RECALL_K
 from annloss.demo.data import DemoData
 from annloss.demo.model import DualEncoder
 
@@ -27,11 +28,16 @@ __all__ = [
     "sample_pairs",
 ]
 
-#: Neighbours compared by the recall metric.
+#: Neighbours compared by the local and the regional recall metrics.
 RECALL_K = 10
 
 #: Keys of the dict that :meth:`HeldOutEvaluator.evaluate` returns.
-METRIC_NAMES = (f"neighbour_recall_at_{RECALL_K}", "median_nn_distance_km", "spearman")
+METRIC_NAMES = (
+    f"neighbour_recall_at_{RECALL_K}",
+    f"neighbour_recall_at_{REGIONAL_RECALL_K}",
+    "median_nn_distance_km",
+    "spearman",
+)
 
 # Rows per block of the (n, n) distance and similarity matrices: 1024 x 5000 float64 is 40 MB.
 _BLOCK_ROWS = 1024
@@ -168,7 +174,7 @@ class HeldOutEvaluator:
     training cost only the embedding-side work.
 
     Args:
-        coordinates: (n, 2) [lon, lat] degrees of the held-out places, n > RECALL_K.
+        coordinates: (n, 2) [lon, lat] degrees of the held-out places, n > REGIONAL_RECALL_K.
         num_pairs: random pairs for the Spearman correlation.
         seed: seed of the pair sample.
     """
@@ -176,6 +182,7 @@ class HeldOutEvaluator:
     def __init__(self, coordinates: np.ndarray, *, num_pairs: int = 20000, seed: int = 0) -> None:
         self.coordinates = coordinates
         self.true_neighbours = geographic_neighbours(coordinates, RECALL_K)
+        self.regional_neighbours = geographic_neighbours(coordinates, REGIONAL_RECALL_K)
         self.pairs = sample_pairs(len(coordinates), num_pairs, seed)
 
     def recall(self, embeddings: np.ndarray) -> float:
@@ -188,6 +195,12 @@ class HeldOutEvaluator:
         """Return every metric of :data:`METRIC_NAMES` for ``embeddings`` (n, D)."""
         return {
             METRIC_NAMES[0]: self.recall(embeddings),
+            METRIC_NAMES[1]: neighbour_recall_at_k(
+                embeddings,
+                self.coordinates,
+                REGIONAL_RECALL_K,
+                true_neighbours=self.regional_neighbours,
+            ),
             "median_nn_distance_km": float(
                 np.median(nearest_neighbour_distances_km(embeddings, self.coordinates))
             ),

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 _COLUMNS = (
     ("method", "method", "{}"),
     ("neighbour_recall_at_10", "recall@10", "{:.3f}"),
+    ("neighbour_recall_at_100", "recall@100", "{:.3f}"),
     ("median_nn_distance_km", "median NN km", "{:.1f}"),
     ("spearman", "Spearman", "{:.3f}"),
     ("train_time_s", "train s", "{:.1f}"),
@@ -60,19 +61,29 @@ def _moving_average(values: list[float], window: int) -> np.ndarray:
     return np.convolve(values_array, kernel, mode="valid")
 
 
+#: Colour and short bar label of each row key.
+_STYLES = {
+    "untrained": ("tab:gray", "untrained"),
+    "in_batch": ("tab:blue", "in-batch"),
+    "memory_bank": ("tab:orange", "bank"),
+    "memory_bank_adaptive": ("tab:green", "bank,\nkNN radius"),
+    "memory_bank_multiscale": ("tab:red", "bank,\n3 scales"),
+}
+
+
 def plot_results(results: dict[str, Any], path: Path) -> None:
-    """Save a PNG with training curves (loss, held-out recall, positives per step) and bar
-    charts of the three metrics for every row of ``results``.
+    """Save a PNG with training curves (loss, held-out recall, positives and radius per step)
+    and bar charts of the four metrics for every row of ``results``.
     """
     rows = results["rows"]
     training = results["training"]
-    figure = Figure(figsize=(15, 8.5), layout="constrained")
-    axes = figure.subplots(2, 3)
-    colours = {"untrained": "tab:gray", "in_batch": "tab:blue", "memory_bank": "tab:orange"}
+    figure = Figure(figsize=(19, 8.5), layout="constrained")
+    axes = figure.subplots(2, 4)
+    colours = {key: colour for key, (colour, _) in _STYLES.items()}
     config = results["config"]
     window = max(1, config["steps"] // 50)
 
-    loss_axis, recall_axis, positives_axis = axes[0]
+    loss_axis, recall_axis, positives_axis, radius_axis = axes[0]
     for method, history in training.items():
         label = history["label"]
         steps = len(history["losses"])
@@ -82,14 +93,15 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
             recall_axis.plot(
                 history["recall_steps"], history["recall"], "o-", color=colours[method], label=label
             )
-        positives = history["stats"].get("num_positive_pairs")
-        if positives:
-            positives_axis.plot(
-                np.arange(window, steps + 1),
-                _moving_average(positives, window),
-                color=colours[method],
-                label=label,
-            )
+        for axis, key in ((positives_axis, "num_positive_pairs"), (radius_axis, "radius_median")):
+            values = history["stats"].get(key)
+            if values:
+                axis.plot(
+                    np.arange(window, steps + 1),
+                    _moving_average(values, window),
+                    color=colours[method],
+                    label=label,
+                )
     untrained = next(row for row in rows if row["key"] == "untrained")
     recall_axis.axhline(
         untrained["neighbour_recall_at_10"], color=colours["untrained"], ls="--", label="untrained"
@@ -100,16 +112,20 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     positives_axis.set(
         title="positive pairs per step", xlabel="step", ylabel="pairs within radius", yscale="log"
     )
-    for axis in (loss_axis, recall_axis, positives_axis):
+    radius_axis.set(
+        title="median positive radius per step", xlabel="step", ylabel="km", yscale="log"
+    )
+    for axis in (loss_axis, recall_axis, positives_axis, radius_axis):
         axis.legend(fontsize="small")
         axis.grid(alpha=0.3)
 
     bar_metrics = (
         ("neighbour_recall_at_10", "neighbour recall@10 (higher is better)"),
+        ("neighbour_recall_at_100", "neighbour recall@100 (higher is better)"),
         ("spearman", "Spearman correlation (higher is better)"),
         ("median_nn_distance_km", "median km to nearest neighbour (lower is better)"),
     )
-    labels = [row["method"].replace(" ", "\n", 1) for row in rows]
+    labels = [_STYLES[row["key"]][1] for row in rows]
     for axis, (key, title) in zip(axes[1], bar_metrics):
         values = [row[key] for row in rows]
         bars = axis.bar(labels, values, color=[colours[row["key"]] for row in rows])

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import annloss
-from annloss.demo.config import DemoConfig
+from annloss.demo.config import METHODS, DemoConfig
 from annloss.demo.data import DemoData
 from annloss.demo.model import DualEncoder
 
@@ -30,13 +30,29 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Training methods in run order, and their row labels.
-METHODS = ("in_batch", "memory_bank")
+#: Row labels of the training methods (run order: ``METHODS``).
 METHOD_LABELS = {
     "untrained": "untrained",
     "in_batch": "in-batch SpatialContrastiveLoss",
     "memory_bank": "MemoryBankSpatialLoss",
+    "memory_bank_adaptive": "MemoryBankSpatialLoss, kNN radius",
+    "memory_bank_multiscale": "MemoryBankSpatialLoss, 3 scales",
 }
+
+
+def _radius_options(method: str, config: DemoConfig) -> dict[str, object]:
+    """The radius arguments of a memory-bank method.
+
+    The adaptive radius reaches the 8th nearest bank entry, between a quarter and four times
+    the fixed radius. The three scales are log-spaced from a quarter to four times it.
+    """
+    radius = config.distance_threshold_km
+    if method == "memory_bank_adaptive":
+        policy = annloss.KNNRadius(8, min_radius=radius / 4, max_radius=radius * 4)
+        return {"radius": policy}
+    if method == "memory_bank_multiscale":
+        return {"scales": annloss.log_scales(radius / 4, radius * 4, 3)}
+    return {"distance_threshold": radius}
 
 
 @dataclass
@@ -72,15 +88,15 @@ def build_model(data: DemoData, config: DemoConfig) -> DualEncoder:
 
 
 def build_criterion(method: str, config: DemoConfig, embedding_dim: int) -> nn.Module:
-    """Return the loss of ``method`` ("in_batch" or "memory_bank") on ``config.device``."""
+    """Return the loss of ``method`` (one of :data:`METHODS`) on ``config.device``."""
     if method == "in_batch":
         criterion: nn.Module = annloss.SpatialContrastiveLoss(
             distance_threshold=config.distance_threshold_km, temperature=config.temperature
         )
-    elif method == "memory_bank":
+    elif method in METHODS:
         criterion = annloss.MemoryBankSpatialLoss(
             embedding_dim=embedding_dim,
-            distance_threshold=config.distance_threshold_km,
+            **_radius_options(method, config),
             memory_size=config.memory_size,
             num_negatives=config.num_negatives,
             temperature=config.temperature,
@@ -118,9 +134,9 @@ def train_model(
     same batches.
 
     Args:
-        criterion: called as ``criterion(embeddings, coordinates, ids)`` for "memory_bank" and
-            ``criterion(embeddings, coordinates)`` for "in_batch".
-        method: "in_batch" or "memory_bank".
+        criterion: called as ``criterion(embeddings, coordinates, ids)`` for the memory-bank
+            methods and ``criterion(embeddings, coordinates)`` for "in_batch".
+        method: one of :data:`METHODS`.
         recall_fn: returns the held-out recall@10 of the model; called every
             ``config.eval_every`` steps and after the last step when given.
 
@@ -147,7 +163,7 @@ def train_model(
         started = time.perf_counter()
         batch = data.batch(next(batches), config.device)
         embeddings = model(batch)
-        if method == "memory_bank":
+        if method.startswith("memory_bank"):
             loss = criterion(embeddings, batch.coordinates, batch.ids)
         else:
             loss = criterion(embeddings, batch.coordinates)
