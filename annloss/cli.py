@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps",
         type=_positive_int,
-        help="optimiser steps of each training (default: 1500, or 60 with --quick)",
+        help="optimiser steps of each training (default: 1000, or 60 with --quick)",
     )
     demo.add_argument(
         "--batch-size",

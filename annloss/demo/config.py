@@ -29,7 +29,7 @@ class DemoConfig:
     """
 
     #: Optimiser steps of each of the two trainings.
-    steps: int = 1500
+    steps: int = 1000
     #: Places per training batch.
     batch_size: int = 256
     #: Folder for results.json and results.png, created if missing.
@@ -49,7 +49,7 @@ class DemoConfig:
     #: Entries kept in the memory bank.
     memory_size: int = 16384
     #: Hard negatives mined from the memory bank per anchor.
-    num_negatives: int = 256
+    num_negatives: int = 128
     #: Nearest places listed in each geo pseudo-sentence.
     num_neighbours: int = 8
     #: Width of each tower's output. The training embedding is twice as wide.
@@ -85,7 +85,7 @@ class DemoConfig:
             "num_train": 20000,
             "num_eval": 1000,
             "memory_size": 8192,
-            "num_negatives": 256,
+            "num_negatives": 128,
             "eval_every": 20,
             "num_eval_pairs": 5000,
         }
