@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help=(
-            "small run for smoke tests and CI, under a minute on 2 CPU cores: 60 steps, 20,000 "
+            "small run for smoke tests and CI, about two minutes on 2 CPU cores: 60 steps, 20,000 "
             "training places, 1,000 held-out places (other options still override these)"
         ),
     )

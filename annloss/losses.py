@@ -73,6 +73,24 @@ def _radius_stats(prefix: str, radius: Tensor) -> dict[str, float]:
     }
 
 
+def _add_scale_stats(
+    stats: dict[str, float],
+    index: int,
+    num_scales: int,
+    positive: Tensor,
+    value: Tensor,
+    counts: dict[str, int],
+) -> None:
+    """Add one scale's pair counts to the totals in ``stats``; with several scales, also its
+    radii, counts and loss under ``scale{index}_``."""
+    for key, count in counts.items():
+        stats[key] = stats.get(key, 0) + count
+    if num_scales > 1:
+        stats.update(_radius_stats(f"scale{index}_", positive))
+        stats.update({f"scale{index}_{key}": count for key, count in counts.items()})
+        stats[f"scale{index}_loss"] = float(value.detach())
+
+
 class _SpatialPairLoss(nn.Module):
     """Shared configuration and pair construction of the spatial losses.
 
@@ -181,12 +199,7 @@ class _SpatialPairLoss(nn.Module):
             )
             value, counts = term(unit, positive_mask, negative_mask)
             total = weight * value if total is None else total + weight * value
-            for key, count in counts.items():
-                stats[key] = stats.get(key, 0) + count
-            if len(radii) > 1:
-                stats.update(_radius_stats(f"scale{index}_", positive))
-                stats.update({f"scale{index}_{key}": count for key, count in counts.items()})
-                stats[f"scale{index}_loss"] = float(value.detach())
+            _add_scale_stats(stats, index, len(radii), positive, value, counts)
         self.stats = stats
         return zero_loss(unit) if total is None else total
 

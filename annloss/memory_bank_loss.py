@@ -23,7 +23,7 @@ from annloss.functional import (
     zero_loss,
 )
 from annloss.index import INDEX_BACKENDS, EmbeddingIndex, TorchIndex, make_index
-from annloss.losses import Scales, _radius_stats, _SpatialPairLoss
+from annloss.losses import Scales, _add_scale_stats, _radius_stats, _SpatialPairLoss
 from annloss.memory_bank import NO_ID, MemoryBank
 from annloss.radius import RadiusPolicy
 from annloss.spatial_index import (
@@ -149,7 +149,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             since are not mined as negatives and overwritten slots are skipped; the BallTree is
             rebuilt. Default: None, which means 1,000 steps for an incremental or exact index and
             10 for a snapshot index, and rebuilds the BallTree once 1/32 of the capacity has
-            been written since its last build.
+            been written since its last build. While the bank fills, the index is also rebuilt
+            each time the bank doubles, so its IVF cells follow the bank's size.
         positive_index: how bank positives are found: ``"balltree"`` (a scikit-learn
             ``BallTree``: k-nearest queries over the bank as it was at the tree's build, plus an
             exact scan of the entries written since) or ``"exact"`` (a scan of every bank entry,
@@ -299,6 +300,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         # (step, bank pointer, bank rows added) when the BallTree was built.
         self._tree_state = (0, 0, 0)
         self._index_build_time_s = 0.0
+        # Bank entries when the index was last built.
+        self._index_build_size = 0
         # A loaded state replaces the bank, so the snapshot must be rebuilt.
         self.register_load_state_dict_post_hook(_drop_index_after_load)
 
@@ -399,12 +402,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             counts["num_bank_negative_pairs"] = (
                 counts["num_negative_pairs"] - counts["num_batch_negative_pairs"]
             )
-            for key, count in counts.items():
-                stats[key] = stats.get(key, 0) + count
-            if len(radii) > 1:
-                stats.update(_radius_stats(f"scale{index}_", positive))
-                stats.update({f"scale{index}_{key}": count for key, count in counts.items()})
-                stats[f"scale{index}_loss"] = float(value.detach())
+            _add_scale_stats(stats, index, len(radii), positive, value, counts)
         loss = zero_loss(unit) if total is None else total
         stats.pop("num_batch_negative_pairs", None)
         stats.update({
@@ -645,6 +643,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         which costs nothing and keeps it exact. An incremental IVF index receives every write
         and is retrained every ``refresh_every`` steps. Other indexes are snapshots rebuilt every
         ``refresh_every`` steps; the slots overwritten since are filtered out by the caller.
+        Any index is also rebuilt once the bank has doubled since its build, while it fills.
         """
         step = int(self.step)
         index = self._index
@@ -652,6 +651,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             index is None
             or index.references_input
             or step - self._index_state[0] >= self._refresh_period(index)
+            # A bank that doubled since the build needs more IVF cells, and "auto" may now
+            # pick another backend.
+            or bank_size >= 2 * self._index_build_size
         ):
             started = time.perf_counter()
             index = make_index(
@@ -659,6 +661,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             )
             index.build(self.bank.embeddings[:bank_size])
             self._index = index
+            self._index_build_size = bank_size
             self._index_state = (step, int(self.bank.pointer), int(self.bank.num_added))
             if not index.references_input:
                 self._index_build_time_s += time.perf_counter() - started

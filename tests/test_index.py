@@ -186,9 +186,9 @@ def test_stale_snapshot_never_yields_overwritten_slots():
         mined = slots[slots >= 0]
         assert mined.numel() > 0
         assert not criterion.bank.overwritten_since(pointer, num_added, mined).any()
-    # The first call finds an empty bank, so the first snapshot is taken at step 1, then every
-    # third step.
-    assert criterion._index_state[0] == 7
+    # The first call finds an empty bank, so the first snapshot is taken at step 1 over 24
+    # entries, again at step 2 when the bank has doubled, then every third step.
+    assert criterion._index_state[0] == 8
 
 
 def test_index_rebuilt_after_load_state_dict():
@@ -243,7 +243,7 @@ def test_audit_off_reports_none():
 
 def test_incremental_ivf_tracks_ring_buffer_exactly():
     # One cell probed fully makes IVF exact, so any drift from the bank shows as a difference
-    # to the flat index rebuilt every step. The IVF index is never rebuilt after the first step.
+    # to the flat index rebuilt every step.
     flat = mined_loss(index="flat")
     incremental = mined_loss(
         index="ivf",
@@ -256,7 +256,8 @@ def test_incremental_ivf_tracks_ring_buffer_exactly():
     for batch in batches(9):
         expected = flat(*batch).item()
         assert incremental(*batch).item() == pytest.approx(expected, abs=1e-5)
-    assert incremental._index_state[0] == 1
+    # Built at step 1 and again at step 2, when the bank had doubled; never after.
+    assert incremental._index_state[0] == 2
     assert incremental.stats["audit_negative_recall"] == 1.0
     # Nine batches of 24 rows wrapped the 64-slot bank three times.
     assert int(incremental.bank.num_added) == 216
@@ -317,3 +318,17 @@ def test_ivf_update_replaces_rows_with_pca_quantizer():
 def test_ivf_rejects_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
         IVFIndex(**options)
+
+
+def test_index_rebuilt_each_time_the_filling_bank_doubles():
+    criterion = mined_loss(
+        index="ivf", index_options=EXACT_IVF, refresh_every=1000, memory_size=400
+    )
+    builds = []
+    for batch in batches(12):
+        criterion(*batch)
+        build = (criterion._index_state[0], criterion._index_build_size)
+        if criterion._index is not None and build not in builds:
+            builds.append(build)
+    # Batches of 24 entries: built at step 1 over 24 entries, then whenever the bank doubled.
+    assert builds == [(1, 24), (2, 48), (4, 96), (8, 192)]

@@ -96,9 +96,9 @@ def test_single_scale_with_weight_one_equals_single_radius(loss_class):
 
 
 def test_zero_weight_removes_its_term():
-    one = SpatialContrastiveLoss(scales=[(300.0, 1.0)])
+    single = SpatialContrastiveLoss(scales=[(300.0, 1.0)])
     with_zero = SpatialContrastiveLoss(scales=[(300.0, 1.0), (3000.0, 0.0)])
-    assert torch.equal(one(EMBEDDINGS, LONLAT), with_zero(EMBEDDINGS, LONLAT))
+    assert torch.equal(single(EMBEDDINGS, LONLAT), with_zero(EMBEDDINGS, LONLAT))
 
 
 def test_multi_scale_is_weighted_sum_of_single_scales():
@@ -193,7 +193,7 @@ def stream(num_steps: int, batch_size: int = 16, seed: int = 40):
         yield random_embeddings(batch_size, 8, seed=200 + step), pool[ids], ids
 
 
-def test_bank_single_scale_with_weight_one_equals_single_radius():
+def test_memory_bank_single_scale_equals_single_radius():
     single = bank_criterion(distance_threshold=300.0, negative_threshold=600.0)
     scaled = bank_criterion(scales=[(FixedRadius(300.0, negative_radius=600.0), 1.0)])
     for batch in stream(7):
@@ -201,14 +201,14 @@ def test_bank_single_scale_with_weight_one_equals_single_radius():
     assert single.stats["num_bank_positive_pairs"] > 0
 
 
-def test_bank_zero_weight_removes_its_term():
-    one = bank_criterion(scales=[(300.0, 1.0)])
+def test_memory_bank_zero_weight_removes_its_term():
+    single = bank_criterion(scales=[(300.0, 1.0)])
     with_zero = bank_criterion(scales=[(300.0, 1.0), (3000.0, 0.0)])
     for batch in stream(6):
-        assert torch.equal(one(*batch), with_zero(*batch))
+        assert torch.equal(single(*batch), with_zero(*batch))
 
 
-def test_bank_multi_scale_equals_dense_reference():
+def test_memory_bank_multi_scale_equals_dense_reference():
     # With K and P larger than the bank, every usable bank entry is a reference, so the mined
     # loss must equal the weighted sum of dense per-scale InfoNCE terms over batch and bank.
     scales = [(150.0, 0.5), (FixedRadius(400.0, negative_radius=800.0), 1.0), (3000.0, 0.25)]
@@ -245,7 +245,7 @@ def test_bank_multi_scale_equals_dense_reference():
             criterion(embeddings, lonlat, ids)
 
 
-def test_bank_negatives_respect_each_scale():
+def test_memory_bank_negatives_respect_each_scale():
     criterion = bank_criterion(scales=[(100.0, 1.0), (1000.0, 1.0)], num_negatives=3)
     batches = list(stream(4))
     for batch in batches[:3]:
