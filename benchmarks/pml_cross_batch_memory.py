@@ -55,7 +55,8 @@ def child(args: argparse.Namespace) -> None:
     for _ in range(args.steps):
         step()
     print(json.dumps({"memory_size": args.memory_size,
-                      "step_s": (time.perf_counter() - started) / args.steps}))
+                      "step_s": (time.perf_counter() - started) / args.steps,
+                      "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
 def main() -> None:
@@ -101,11 +102,12 @@ def main() -> None:
                          "outcome": f"failed with exit code {result.returncode}: {last_line}"})
 
     print(f"\nCrossBatchMemory(NTXentLoss), B={args.batch_size}, D={args.dim}, 1-degree grid labels")
-    print("| memory size M | step (ms) | outcome |")
-    print("| ---: | ---: | --- |")
+    print("| memory size M | step (ms) | peak (GiB) | outcome |")
+    print("| ---: | ---: | ---: | --- |")
     for row in rows:
-        step = f"{1000 * row['step_s']:.1f}" if "step_s" in row else ""
-        print(f"| {row['memory_size']:,} | {step} | {row['outcome']} |")
+        step = f"{1000 * row['step_s']:,.1f}" if "step_s" in row else ""
+        peak = f"{row['peak_gib']:.2f}" if "peak_gib" in row else ""
+        print(f"| {row['memory_size']:,} | {step} | {peak} | {row['outcome']} |")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides: object) -> DemoConfig:
-        """Return a configuration for smoke tests and CI, about two minutes on 2 CPU cores with every method.
+        """Return a configuration for smoke tests and CI, about two minutes on 2 CPU cores.
 
         It still reads the full GeoNames table but trains on 20,000 places and evaluates on
         1,000. ``overrides`` replace any setting.
