@@ -276,7 +276,7 @@ def test_ivf_with_pca_quantizer_reaches_recall():
     assert recall(rows, EXPECTED) >= 0.9
 
 
-def test_ivf_with_pca_quantizer_probing_every_cell_is_exact():
+def test_ivf_pca_cells_probed_all_equal_exact_search():
     # Cells assigned in the 8-wide PCA space must still hold every full-width row.
     index = IVFIndex(nlist=20, nprobe=20, quantizer_dim=8)
     index.build(DATABASE)

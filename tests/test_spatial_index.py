@@ -155,8 +155,8 @@ def test_balltree_positives_equal_exact_positives(refresh_every):
 
 
 def test_balltree_positives_fall_back_when_nearest_are_filtered():
-    # 40 copies of the anchor's own entity sit on it, so the nearest rows fetched from the tree
-    # are all dropped by the id filter; the other entities 5-30 km away must still be found.
+    # 40 copies of the anchor's own entity sit on it, so the id filter drops every nearest row
+    # fetched from the tree. The other entities, 5-30 km away, must still be found.
     options = {"embedding_dim": 4, "distance_threshold": 50.0, "memory_size": 64,
                "num_negatives": 1, "max_positives": 5}
     exact = MemoryBankSpatialLoss(positive_index="exact", **options)
