@@ -42,6 +42,9 @@ VARIANTS = {
     "hnsw": ("HNSW rebuilt every 10 steps, BallTree positives",
              {"index": "hnsw", "refresh_every": 10}),
     "auto": ("auto (the default)", {}),
+    "ivf-knn-radius": ("IVF, KNNRadius(16), 25-400 km",
+                       {"index": "ivf", "radius": "knn"}),
+    "ivf-3-scales": ("IVF, 3 scales 25/100/400 km", {"index": "ivf", "scales": "log"}),
 }
 
 
@@ -132,7 +135,7 @@ def child(args: argparse.Namespace) -> dict:
     """Measure one (bank size, variant) pair inside this process and return its row."""
     import faiss
 
-    from annloss import MemoryBankSpatialLoss
+    from annloss import KNNRadius, MemoryBankSpatialLoss, log_scales
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -156,11 +159,21 @@ def child(args: argparse.Namespace) -> dict:
     else:
         label, options = VARIANTS[args.variant]
         options = dict(options)
+        # Radius policies are built here, around the --radius-km of the run.
+        if options.pop("radius", None) == "knn":
+            options["radius"] = KNNRadius(
+                16, min_radius=args.radius_km / 4, max_radius=args.radius_km * 4
+            )
+        if options.pop("scales", None) == "log":
+            options["scales"] = log_scales(args.radius_km / 4, args.radius_km * 4, 3)
+        else:
+            options["distance_threshold"] = options.get("distance_threshold", args.radius_km)
+        if "radius" in options:
+            options.pop("distance_threshold")
         if args.nprobe is not None and options.get("index") == "ivf":
             options["index_options"] = {"nprobe": args.nprobe}
         criterion = MemoryBankSpatialLoss(
             embedding_dim=args.dim,
-            distance_threshold=args.radius_km,
             memory_size=args.bank_size,
             num_negatives=args.num_negatives,
             **options,
@@ -181,10 +194,20 @@ def child(args: argparse.Namespace) -> dict:
             row["tree_s"] = time.perf_counter() - started
 
         embeddings, probe_lonlat, probe_ids = probe
-        unit = F.normalize(embeddings.detach(), dim=1)
-        found, _ = criterion._mine_negatives(unit, probe_lonlat, probe_ids, bank_size)
+        unit, coordinates, batch_distance, self_pairs = criterion.batch_context(
+            embeddings.detach(), probe_lonlat
+        )
+
+        def bank_nearest(k):
+            return criterion._nearest_bank_entries(coordinates, probe_ids, bank_size, k, None)[1]
+
+        radii = criterion.scale_radii(batch_distance, self_pairs, bank_nearest)
+        negative_radius = torch.stack([negative for _, negative, weight in radii if weight > 0])
+        found, _ = criterion._mine_negatives(
+            unit, coordinates, probe_ids, bank_size, negative_radius
+        )
         expected, _ = criterion._mine_negatives(
-            unit, probe_lonlat, probe_ids, bank_size, exact=True
+            unit, coordinates, probe_ids, bank_size, negative_radius, exact=True
         )
         row["negative_recall"] = overlap(found, expected)
 
