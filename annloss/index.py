@@ -2,9 +2,9 @@
 
 :meth:`EmbeddingIndex.build` indexes the bank's filled slots; row ``i`` is bank slot ``i``.
 Searches return bank slots, ``-1`` where fewer than ``k`` rows were found. The exact backends
-keep a reference to the bank tensor, so a build costs nothing and they see later writes; IVF
-copies the rows and takes later writes through :meth:`EmbeddingIndex.update`; HNSW is a
-snapshot. The memory-bank loss decides when to rebuild (see its ``refresh_every``).
+keep a reference to the bank tensor, so a build costs nothing and later writes show in their
+searches. IVF copies the rows and takes later writes through :meth:`EmbeddingIndex.update`. HNSW
+is a snapshot. The memory-bank loss decides when to rebuild (see its ``refresh_every``).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ _IVF_ADD_CHUNK = 65_536
 
 # With index="auto" on the CPU, banks with at least this many entries use IVF instead of exact
 # torch search. In BENCHMARKS.md IVF was 2.5x (D = 128) and 3.2x (D = 768) faster per step than
-# exact search at 65,536 entries, with negative recall@64 of 0.995; at 16,384 entries and D = 128
-# it was only 1.35x faster, too little to give up exactness.
+# exact search at 65,536 entries, with negative recall@64 of 0.995. At 16,384 entries and
+# D = 128 it was only 1.35x faster, too little to give up exactness.
 AUTO_IVF_MIN_SIZE = 65_536
 
 
@@ -107,12 +107,11 @@ class EmbeddingIndex(ABC):
         return scores.to(queries.device), rows.to(device=queries.device, dtype=torch.int64)
 
 
-class TorchIndex(EmbeddingIndex):
-    """Exact search by chunked matrix product and ``torch.topk``, on any device.
+class _ReferenceIndex(EmbeddingIndex):
+    """Base of the exact backends that search the given tensor itself.
 
-    It keeps a reference to the given tensor, not a copy. Writes to that tensor before the next
-    build therefore show in later searches, and the memory-bank loss filters out the slots
-    overwritten since the build.
+    A build keeps a reference to the tensor, not a copy, so it costs nothing and writes to the
+    tensor show in later searches.
     """
 
     exact = True
@@ -125,6 +124,10 @@ class TorchIndex(EmbeddingIndex):
     def build(self, embeddings: Tensor) -> None:
         self._embeddings = embeddings.detach()
         self.num_rows = embeddings.shape[0]
+
+
+class TorchIndex(_ReferenceIndex):
+    """Exact search by chunked matrix product and ``torch.topk``, on any device."""
 
     def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         assert self._embeddings is not None
@@ -153,24 +156,11 @@ class _FaissIndex(EmbeddingIndex):
         return torch.from_numpy(scores), torch.from_numpy(rows)
 
 
-class FlatIndex(EmbeddingIndex):
+class FlatIndex(_ReferenceIndex):
     """Exact search with FAISS's brute-force ``faiss.knn`` on the CPU.
 
-    Like :class:`TorchIndex` it keeps a reference to the given tensor instead of a copy, so a
-    build costs nothing and writes to the tensor show in later searches. A float32 CPU tensor
-    reaches FAISS without a copy; other dtypes are converted at each search.
+    A float32 CPU tensor reaches FAISS without a copy. Other dtypes are converted at each search.
     """
-
-    exact = True
-    references_input = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._embeddings: Tensor | None = None
-
-    def build(self, embeddings: Tensor) -> None:
-        self._embeddings = embeddings.detach()
-        self.num_rows = embeddings.shape[0]
 
     def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         assert self._embeddings is not None
@@ -194,17 +184,20 @@ class IVFIndex(_FaissIndex):
     inside the cells stay exact inner products of the full vectors.
 
     Each build retrains the cells on the current snapshot, so they follow the drift of the
-    embeddings; :meth:`update` replaces rows in between without retraining.
+    embeddings. :meth:`update` replaces rows in between without retraining.
 
     Args:
         nlist: number of k-means cells. Default: ``4 * sqrt(M)``, at most
             ``M / training_points_per_cell``.
-        nprobe: cells visited per query, at least; a search for ``k`` rows visits enough cells
+        nprobe: minimum cells visited per query. A search for ``k`` rows visits enough cells
             to hold about ``2 k`` rows. Default: 8. Higher is slower and closer to exact.
         training_points_per_cell: k-means trains on a random sample of this many rows per cell.
             Default: 32.
-        quantizer_dim: PCA width in which the cells are trained and rows assigned; ``None``,
+        quantizer_dim: PCA width in which the cells are trained and rows assigned. ``None``,
             or a value ``>= D``, assigns in the full width. Default: 128.
+            NOTE: 128 kept recall@64 at 0.976 or more only on the benchmarks' synthetic
+            geographic embeddings; embeddings whose structure spans more dimensions may need a
+            larger width or ``nprobe`` (the loss's ``audit_every`` measures it).
         kmeans_iterations: k-means iterations per build. Default: 10.
         seed: seed of the training sample and of k-means. Default: 0.
     """
@@ -238,9 +231,9 @@ class IVFIndex(_FaissIndex):
         self.seed = seed
 
     def _train_quantizer(self, data: np.ndarray, nlist: int) -> Any:
-        """Train the cells; return a FAISS index of the ``nlist`` centroids, PCA included.
+        """Train the cells and return a FAISS index of the ``nlist`` centroids, PCA included.
 
-        Also keeps the PCA map and the centroids as torch tensors for :meth:`_assign`.
+        The PCA map and the centroids are also kept as torch tensors for :meth:`_assign`.
         """
         size, dim = data.shape
         rng = np.random.default_rng(self.seed)
@@ -257,8 +250,8 @@ class IVFIndex(_FaissIndex):
             nlist,
             niter=self.kmeans_iterations,
             seed=self.seed,
-            # The sample size is chosen above; these keep FAISS from subsampling it again or
-            # warning about fewer than 39 points per cell.
+            # The sample size is chosen above. These keep FAISS from subsampling it again and
+            # from warning about fewer than 39 points per cell.
             max_points_per_centroid=self.training_points_per_cell,
             min_points_per_centroid=1,
         )
@@ -280,8 +273,8 @@ class IVFIndex(_FaissIndex):
     def _assign(self, data: np.ndarray) -> np.ndarray:
         """Return the cell of each row of ``data``: its nearest centroid in the PCA space.
 
-        The same rule as FAISS's quantizer, computed with torch's matrix product, which is
-        several times faster than FAISS's on this project's CPUs.
+        It applies the same rule as FAISS's quantizer with torch's matrix product. On this
+        project's CPUs that product was 3 to 4 times faster than FAISS's brute-force search.
         """
         points = torch.from_numpy(data)
         if self._projection is not None:
@@ -385,7 +378,7 @@ def _gpu_resources() -> Any:
     return _GPU_RESOURCES
 
 
-class FaissGpuFlatIndex(EmbeddingIndex):
+class FaissGpuFlatIndex(TorchIndex):
     """Exact search with FAISS's GPU brute-force kNN directly on CUDA tensors.
 
     NOTE: this path has not yet run on a GPU; its tests skip without CUDA and FAISS GPU support.
@@ -393,9 +386,6 @@ class FaissGpuFlatIndex(EmbeddingIndex):
     The bank stays a torch tensor: no index copy, no add or remove. FAISS on the GPU selects at
     most 2,048 candidates per query; larger ``k`` falls back to exact torch search for that call.
     """
-
-    exact = True
-    references_input = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -408,18 +398,10 @@ class FaissGpuFlatIndex(EmbeddingIndex):
         # stream.
         import faiss.contrib.torch_utils  # noqa: F401
 
-        self._embeddings: Tensor | None = None
-        self._fallback = TorchIndex()
-
-    def build(self, embeddings: Tensor) -> None:
-        self._embeddings = embeddings.detach()
-        self._fallback.build(self._embeddings)
-        self.num_rows = embeddings.shape[0]
-
     def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         assert self._embeddings is not None
         if k > FAISS_GPU_MAX_K:
-            return self._fallback._search(queries, k)
+            return super()._search(queries, k)
         database = self._embeddings
         if database.dtype not in (torch.float32, torch.float16):
             database = database.float()

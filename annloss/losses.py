@@ -81,8 +81,10 @@ def _add_scale_stats(
     value: Tensor,
     counts: dict[str, int],
 ) -> None:
-    """Add one scale's pair counts to the totals in ``stats``; with several scales, also its
-    radii, counts and loss under ``scale{index}_``."""
+    """Add one scale's pair counts to the totals in ``stats``.
+
+    With several scales, also add the scale's radii, counts and loss under ``scale{index}_``.
+    """
     for key, count in counts.items():
         stats[key] = stats.get(key, 0) + count
     if num_scales > 1:
@@ -94,7 +96,7 @@ def _add_scale_stats(
 class _SpatialPairLoss(nn.Module):
     """Shared configuration and pair construction of the spatial losses.
 
-    A loss has one or more scales, each a radius policy and a weight; the loss is the weighted
+    A loss has one or more scales, each a radius policy and a weight. The loss is the weighted
     sum of one term per scale.
     """
 
@@ -112,7 +114,7 @@ class _SpatialPairLoss(nn.Module):
         check_metric(metric)
         check_coordinate_order(coordinate_order)
         self.scales = _make_scales(radius, distance_threshold, negative_threshold, scales)
-        # The fixed radii of a single fixed scale, kept as plain attributes; None otherwise.
+        # The radii of a single fixed scale, kept as plain attributes, or None otherwise.
         self.distance_threshold: float | None = None
         self.negative_threshold: float | None = None
         policy = self.scales[0][0]

@@ -146,8 +146,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         refresh_every: how often, in training steps, the mining structures are rebuilt. An
             incremental IVF index has its k-means cells retrained; a snapshot index (HNSW, or
             IVF with ``incremental=False``) is rebuilt, and between rebuilds the entries added
-            since are not mined as negatives and overwritten slots are skipped; the BallTree is
-            rebuilt. Default: None, which means 1,000 steps for an incremental or exact index and
+            since are not mined as negatives and overwritten slots are skipped. The BallTree is
+            rebuilt too. Default: None, which means 1,000 steps for an incremental or exact index and
             10 for a snapshot index, and rebuilds the BallTree once 1/32 of the capacity has
             been written since its last build. While the bank fills, the index is also rebuilt
             each time the bank doubles, so its IVF cells follow the bank's size.
@@ -155,7 +155,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             ``BallTree``: k-nearest queries over the bank as it was at the tree's build, plus an
             exact scan of the entries written since) or ``"exact"`` (a scan of every bank entry,
             one matrix product of unit-sphere vectors for the haversine metric). Both return the
-            same positives; the tree is sub-linear in the bank size. Default: ``"balltree"``.
+            same positives. The tree is sub-linear in the bank size. Default: ``"balltree"``.
         audit_every: every this many steps, mine the negatives of ``audit_sample`` anchors
             again by exact search over the current bank and report in
             ``stats["audit_negative_recall"]`` the fraction of them that the index found.
@@ -187,10 +187,10 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     ``num_filtered_negatives`` (mined candidates dropped for lying inside the negative radius),
     ``bank_size`` (entries before this call's batch was added), ``used_bank``,
     ``mining_time_s`` (rebuilds included) and ``index_build_time_s`` (time spent in this call
-    rebuilding the IVF or HNSW index and the BallTree; 0 when nothing was rebuilt). It also has
-    ``radius_min``, ``radius_median`` and ``radius_max`` of the first scale's positive radii and,
-    with several scales, each scale's radii, pair counts and loss under ``scale{i}_``; pair
-    counts and ``num_filtered_negatives`` are summed over scales.
+    rebuilding the IVF or HNSW index and the BallTree, or 0). It also has ``radius_min``,
+    ``radius_median`` and ``radius_max`` of the first scale's positive radii and, with several
+    scales, each scale's radii, pair counts and loss under ``scale{i}_``. Pair counts and
+    ``num_filtered_negatives`` are summed over scales.
 
     Example:
         >>> import torch

@@ -272,7 +272,7 @@ class TargetPositives(RadiusPolicy):
             bank = bank_nearest(self.n).to(batch_distance.device)
             candidates = torch.cat([batch_distance, bank], dim=1)
         kth = _kth_in_batch(candidates, self.n)
-        # Positives are strictly closer than the radius; the next float includes the n-th.
+        # Positives are strictly closer than the radius, so the next float up includes the n-th.
         return torch.nextafter(kth, torch.full_like(kth, math.inf))
 
     def __repr__(self) -> str:

@@ -115,8 +115,8 @@ def nearest_candidates(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact scan for candidates of each anchor's ``k`` nearest usable references in ``radius``.
 
-    Returns at least the ``k`` nearest usable pairs strictly within each anchor's radius,
-    possibly more; :func:`nearest_per_row` keeps the ``k`` nearest. ``usable(rows, slots)``
+    Returns at least the ``k`` nearest usable pairs strictly within each anchor's radius, and
+    possibly more. :func:`nearest_per_row` keeps the ``k`` nearest. ``usable(rows, slots)``
     masks pairs that may be used. An infinite radius scans every reference in chunks and keeps
     the ``k`` nearest of each chunk, so memory stays bounded.
 
@@ -238,7 +238,7 @@ class BallTreeRadiusIndex:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return each anchor's ``k`` nearest snapshot rows, kept when strictly within ``radius``.
 
-        A k-nearest query visits O(k log M) points where a radius query returns every point
+        A k-nearest query visits roughly k log M points where a radius query returns every point
         inside the radius, which in a dense region of a large bank is thousands per anchor.
 
         Returns:

@@ -160,16 +160,16 @@ def child(args: argparse.Namespace) -> dict:
         label, options = VARIANTS[args.variant]
         options = dict(options)
         # Radius policies are built here, around the --radius-km of the run.
-        if options.pop("radius", None) == "knn":
+        radius_kind = options.pop("radius", None)
+        scales_kind = options.pop("scales", None)
+        if radius_kind == "knn":
             options["radius"] = KNNRadius(
                 16, min_radius=args.radius_km / 4, max_radius=args.radius_km * 4
             )
-        if options.pop("scales", None) == "log":
+        elif scales_kind == "log":
             options["scales"] = log_scales(args.radius_km / 4, args.radius_km * 4, 3)
         else:
-            options["distance_threshold"] = options.get("distance_threshold", args.radius_km)
-        if "radius" in options:
-            options.pop("distance_threshold")
+            options["distance_threshold"] = args.radius_km
         if args.nprobe is not None and options.get("index") == "ivf":
             options["index_options"] = {"nprobe": args.nprobe}
         criterion = MemoryBankSpatialLoss(
