@@ -173,6 +173,42 @@ class MemoryBank(nn.Module):
         offsets = torch.arange(written, device=self.embeddings.device)
         return (pointer + offsets) % self.capacity
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        # torch copies a saved buffer into the existing one and would silently cast another
+        # dtype, so a bank saved with other settings is refused before anything is copied.
+        saved = state_dict.get(prefix + "embeddings")
+        if isinstance(saved, Tensor):
+            if saved.ndim != 2 or saved.shape[0] != self.capacity:
+                raise ValueError(
+                    f"the saved memory bank has capacity {saved.shape[0]} but this one has "
+                    f"{self.capacity}; build it with memory_size={saved.shape[0]} to load "
+                    "this state"
+                )
+            if saved.shape[1] != self.embedding_dim:
+                raise ValueError(
+                    f"the saved memory bank has embedding_dim {saved.shape[1]} but this one "
+                    f"has {self.embedding_dim}; build it with embedding_dim={saved.shape[1]} "
+                    "to load this state"
+                )
+            if saved.dtype != self.embeddings.dtype:
+                raise TypeError(
+                    f"the saved memory bank stores {saved.dtype} but this one stores "
+                    f"{self.embeddings.dtype}; build it with bank_dtype={saved.dtype} to load "
+                    "this state"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def extra_repr(self) -> str:
         return (
             f"capacity={self.capacity}, embedding_dim={self.embedding_dim}, "

@@ -12,9 +12,8 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch import Tensor
 
 from annloss._checks import check_ids, check_non_negative, check_positive, check_same_device
-from annloss.coordinates import (
-    paired_distance,
-)
+from annloss.coordinates import paired_distance, pairwise_distance
+from annloss.distributed import all_reduce_sum, gather_batch, resolve_group
 from annloss.functional import (
     cosine_to_euclidean,
     info_nce_from_masks,
@@ -233,6 +232,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         max_age: int | None = None,
         incremental: bool | None = None,
         k_fetch: int | None = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             distance_threshold=distance_threshold,
@@ -293,6 +294,11 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             "k_fetch", 8 * self.num_negatives if k_fetch is None else k_fetch, self.num_negatives
         )
 
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed must be None, True or False, got {distributed!r}")
+        self.distributed = distributed
+        self.process_group = process_group
+
         self._index: EmbeddingIndex | None = None
         self._tree: BallTreeRadiusIndex | None = None
         # (step of the last build, bank pointer, bank rows added) that the index reflects.
@@ -327,11 +333,36 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             )
         check_same_device(unit, self.bank.embeddings, "the memory bank buffers")
         ids = check_ids(ids, unit.shape[0], unit.device)
+        distributed = resolve_group(self.distributed)
+        batch_size = unit.shape[0]
+
+        # The batch references: this rank's rows, or under torch.distributed every rank's rows
+        # in rank order, this rank's with their gradient and the others' detached.
+        local = slice(0, batch_size)
+        references, all_coordinates, all_ids = unit, coordinates, ids
+        all_distance, all_self_pairs = batch_distance, self_pairs
+        if distributed:
+            gathered = gather_batch(unit.detach(), coordinates, ids, self.process_group)
+            local = gathered.local
+            references = torch.cat([
+                gathered.embeddings[: local.start], unit, gathered.embeddings[local.stop :]
+            ])
+            all_coordinates = gathered.coordinates
+            all_ids = gathered.ids if bool((gathered.ids != NO_ID).any()) else None
+            all_distance = pairwise_distance(
+                all_coordinates, all_coordinates,
+                metric=self.metric, coordinate_order=self.coordinate_order,
+            )
+            all_self_pairs = torch.eye(
+                all_coordinates.shape[0], dtype=torch.bool, device=unit.device
+            )
+            batch_distance, self_pairs = all_distance[local], all_self_pairs[local]
+            ids = None if all_ids is None else all_ids[local]
 
         bank_size = len(self.bank)
         used_bank = (
             bank_size >= self.min_bank_size
-            and unit.shape[0] > 0
+            and all_coordinates.shape[0] > 0
             and int(self.step) >= self.warmup_steps
         )
         started = time.perf_counter()
@@ -340,9 +371,16 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         if used_bank and any(policy.uses_bank for policy, _ in self.scales):
 
             def bank_nearest(k: int) -> Tensor:
-                return self._nearest_bank_entries(coordinates, ids, bank_size, k, None)[1]
+                return self._nearest_bank_entries(all_coordinates, all_ids, bank_size, k, None)[1]
 
-        radii = self.scale_radii(batch_distance, self_pairs, bank_nearest)
+        # Radii come from the whole (gathered) batch, so a quantile or a batch kNN radius is
+        # the one a single process would compute on the concatenated batch.
+        radii = [
+            (positive[local], negative[local], weight)
+            for positive, negative, weight in self.scale_radii(
+                all_distance, all_self_pairs, bank_nearest
+            )
+        ]
         # A zero weight removes its scale from mining too, so it cannot change the other terms.
         active = [(index, *scale) for index, scale in enumerate(radii) if scale[2] > 0]
         used_bank = used_bank and bool(active)
@@ -369,32 +407,36 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
 
         slots = _drop_repeats(torch.cat([positive_slots, negative_slots], dim=1))
         similarity, distance, excluded = self._assemble(
-            unit, coordinates, batch_distance, self_pairs, slots
+            unit, references, coordinates, batch_distance, self_pairs, slots
         )
-        batch_size = unit.shape[0]
-        total: Tensor | None = None
+        num_batch = references.shape[0]
+        terms: list[tuple[float, Tensor, int]] = []
         stats: dict[str, Any] = {}
         stats.update(_radius_stats("", radii[0][0]))
         for index, positive, negative, weight in active:
             positive_mask, negative_mask = spatial_pair_masks(
                 distance, positive[:, None], negative[:, None], exclude=excluded
             )
+            # ``terms_in_mean`` is the number of terms ``value`` averages over.
             if isinstance(self.loss, BaseMetricLossFunction):
-                value = self._metric_learning_loss(unit, positive_mask, negative_mask, slots)
+                value = self._metric_learning_loss(
+                    unit, references, positive_mask, negative_mask, slots
+                )
+                terms_in_mean = 1
             elif self.loss == "infonce":
-                value, _ = info_nce_from_masks(
+                value, terms_in_mean = info_nce_from_masks(
                     similarity, positive_mask, negative_mask, self.temperature
                 )
             else:
-                value, _, _ = triplet_margin_from_masks(
+                value, _, terms_in_mean = triplet_margin_from_masks(
                     cosine_to_euclidean(similarity), positive_mask, negative_mask, self.margin
                 )
-            total = weight * value if total is None else total + weight * value
+            terms.append((weight, value, terms_in_mean))
             counts = {
                 "num_positive_pairs": int(positive_mask.sum()),
-                "num_batch_positive_pairs": int(positive_mask[:, :batch_size].sum()),
+                "num_batch_positive_pairs": int(positive_mask[:, :num_batch].sum()),
                 "num_negative_pairs": int(negative_mask.sum()),
-                "num_batch_negative_pairs": int(negative_mask[:, :batch_size].sum()),
+                "num_batch_negative_pairs": int(negative_mask[:, :num_batch].sum()),
             }
             counts["num_bank_positive_pairs"] = (
                 counts["num_positive_pairs"] - counts["num_batch_positive_pairs"]
@@ -403,7 +445,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
                 counts["num_negative_pairs"] - counts["num_batch_negative_pairs"]
             )
             _add_scale_stats(stats, index, len(radii), positive, value, counts)
-        loss = zero_loss(unit) if total is None else total
+        loss = self._reduce(unit, terms, distributed)
         stats.pop("num_batch_negative_pairs", None)
         stats.update({
             "num_filtered_negatives": num_filtered,
@@ -424,7 +466,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             1000 * mining_time_s,
         )
         if self.training:
-            written = self.bank.add(unit.detach(), coordinates, ids, step=int(self.step))
+            written = self.bank.add(
+                references.detach(), all_coordinates, all_ids, step=int(self.step)
+            )
             index = self._index
             if index is not None and not index.references_input and self._is_incremental(index):
                 index.update(written, self.bank.embeddings[written])
@@ -434,21 +478,50 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             self.step += 1
         return loss
 
+    def _reduce(
+        self, unit: Tensor, terms: list[tuple[float, Tensor, int]], distributed: bool
+    ) -> Tensor:
+        """Return the weighted sum of the scale terms ``(weight, mean, terms_in_mean)``.
+
+        Under torch.distributed each mean is rescaled to ``world_size * local sum / global
+        count``: the average over ranks, which DDP applies to gradients, is then the mean over
+        every rank's terms, as one process would compute it on the concatenated batch. A
+        pytorch-metric-learning loss reduces internally and keeps its local value.
+        """
+        if distributed and not isinstance(self.loss, BaseMetricLossFunction):
+            world_size = torch.distributed.get_world_size(self.process_group)
+            global_counts = all_reduce_sum(
+                [float(count) for _, _, count in terms], unit.device, self.process_group
+            )
+            terms = [
+                (weight, value * (count * world_size / total), count)
+                for (weight, value, count), total in zip(terms, global_counts)
+                if total > 0
+            ]
+        total: Tensor | None = None
+        for weight, value, _ in terms:
+            total = weight * value if total is None else total + weight * value
+        return zero_loss(unit) if total is None else total
+
     def _assemble(
         self,
         unit: Tensor,
+        references: Tensor,
         coordinates: Tensor,
         batch_distance: Tensor,
         self_pairs: Tensor,
         slots: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Concatenate batch and bank references into ``(B, B + C)`` matrices.
+        """Concatenate batch and bank references into ``(B, N + C)`` matrices.
+
+        ``references`` are the ``N`` batch rows (``N > B`` under torch.distributed), and
+        ``batch_distance`` and ``self_pairs`` are ``(B, N)``.
 
         Returns:
             ``(similarity, spatial_distance, excluded)``: cosine similarities, spatial distances
             and the mask of pairs never used (self pairs and empty slots).
         """
-        similarity = unit @ unit.T
+        similarity = unit @ references.T
         if slots.shape[1] == 0:
             return similarity, batch_distance, self_pairs
         filled = slots >= 0
@@ -470,6 +543,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     def _metric_learning_loss(
         self,
         unit: Tensor,
+        batch_references: Tensor,
         positive_mask: Tensor,
         negative_mask: Tensor,
         slots: Tensor,
@@ -480,14 +554,16 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         the pairs reach the loss as ``indices_tuple=(a1, p, a2, n)`` with ``ref_emb``. Pairs of
         anchors without a positive or without a negative are dropped, as in the built-in losses.
         """
-        batch_size = unit.shape[0]
+        num_batch = batch_references.shape[0]
         filled = slots >= 0
         unique_slots, inverse = torch.unique(slots[filled], return_inverse=True)
-        columns = torch.arange(batch_size, device=unit.device).expand(batch_size, -1)
+        columns = torch.arange(num_batch, device=unit.device).expand(unit.shape[0], -1)
         bank_columns = torch.full_like(slots, -1)
-        bank_columns[filled] = batch_size + inverse
+        bank_columns[filled] = num_batch + inverse
         columns = torch.cat([columns, bank_columns], dim=1)
-        references = torch.cat([unit, self.bank.embeddings[unique_slots].to(unit.dtype)])
+        references = torch.cat(
+            [batch_references, self.bank.embeddings[unique_slots].to(unit.dtype)]
+        )
 
         valid_anchor = (positive_mask.any(dim=1) & negative_mask.any(dim=1))[:, None]
         a1, positive_column = torch.nonzero(positive_mask & valid_anchor, as_tuple=True)
