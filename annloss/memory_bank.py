@@ -59,7 +59,11 @@ class MemoryBank(nn.Module):
         super().__init__()
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
-        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+        if (
+            isinstance(embedding_dim, bool)
+            or not isinstance(embedding_dim, int)
+            or embedding_dim < 1
+        ):
             raise ValueError(f"embedding_dim must be an integer >= 1, got {embedding_dim!r}")
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
@@ -173,6 +177,36 @@ class MemoryBank(nn.Module):
         offsets = torch.arange(written, device=self.embeddings.device)
         return (pointer + offsets) % self.capacity
 
+    def check_state(
+        self, saved: object, capacity_argument: str = "capacity", dtype_argument: str = "dtype"
+    ) -> None:
+        """Raise unless ``saved``, a state's ``embeddings``, fits this bank's shape and dtype.
+
+        The messages name the constructor arguments to change: ``capacity_argument`` and
+        ``dtype_argument``, e.g. ``"memory_size"`` and ``"bank_dtype"`` for a loss that owns
+        the bank.
+        """
+        if not isinstance(saved, Tensor):
+            return
+        if saved.ndim != 2 or saved.shape[0] != self.capacity:
+            raise ValueError(
+                f"the saved memory bank has capacity {saved.shape[0]} but this one has "
+                f"{self.capacity}; build it with {capacity_argument}={saved.shape[0]} to load "
+                "this state"
+            )
+        if saved.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"the saved memory bank has embedding_dim {saved.shape[1]} but this one "
+                f"has {self.embedding_dim}; build it with embedding_dim={saved.shape[1]} "
+                "to load this state"
+            )
+        if saved.dtype != self.embeddings.dtype:
+            raise TypeError(
+                f"the saved memory bank stores {saved.dtype} but this one stores "
+                f"{self.embeddings.dtype}; build it with {dtype_argument}={saved.dtype} to load "
+                "this state"
+            )
+
     def _load_from_state_dict(
         self,
         state_dict: dict,
@@ -185,26 +219,7 @@ class MemoryBank(nn.Module):
     ) -> None:
         # torch copies a saved buffer into the existing one and would silently cast another
         # dtype, so a bank saved with other settings is refused before anything is copied.
-        saved = state_dict.get(prefix + "embeddings")
-        if isinstance(saved, Tensor):
-            if saved.ndim != 2 or saved.shape[0] != self.capacity:
-                raise ValueError(
-                    f"the saved memory bank has capacity {saved.shape[0]} but this one has "
-                    f"{self.capacity}; build it with memory_size={saved.shape[0]} to load "
-                    "this state"
-                )
-            if saved.shape[1] != self.embedding_dim:
-                raise ValueError(
-                    f"the saved memory bank has embedding_dim {saved.shape[1]} but this one "
-                    f"has {self.embedding_dim}; build it with embedding_dim={saved.shape[1]} "
-                    "to load this state"
-                )
-            if saved.dtype != self.embeddings.dtype:
-                raise TypeError(
-                    f"the saved memory bank stores {saved.dtype} but this one stores "
-                    f"{self.embeddings.dtype}; build it with bank_dtype={saved.dtype} to load "
-                    "this state"
-                )
+        self.check_state(state_dict.get(prefix + "embeddings"))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

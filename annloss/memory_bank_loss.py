@@ -174,6 +174,33 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             current bank and ``refresh_every`` only sets how often the k-means cells are
             retrained. The exact indexes always see the current bank, and HNSW cannot remove
             rows. Default: None, which means True for IVF.
+        distributed: share the bank across the ranks of a torch.distributed process group
+            (see below). Default: None, which means on when a process group with more than
+            one rank is initialised.
+        process_group: the torch.distributed group to share the bank in. Default: None, the
+            default group.
+
+    Under torch.distributed (for example DistributedDataParallel launched with ``torchrun``)
+    every call gathers the batch of every rank, in rank order and without gradient, so each
+    rank scores its own anchors against the whole global batch and the bank, and writes the
+    whole global batch into its bank: the banks stay identical on all ranks. Quantile and
+    batch kNN radii are computed on the global batch. Each rank returns
+    ``world_size * (sum of its anchors' terms) / (number of terms on all ranks)``, so the mean
+    of the returned losses over ranks, which is what DDP's gradient averaging applies, equals
+    the loss of one process on the concatenated batch. The gradient flows through this rank's
+    rows only: a pair whose reference belongs to another rank contributes through its anchor
+    alone. A pytorch-metric-learning ``loss`` reduces internally and returns its mean over this
+    rank's anchors. Every rank must call the loss at every step, as with any collective;
+    batch sizes may differ between ranks.
+
+    ``state_dict()`` holds the bank (embeddings, coordinates, ids, write steps, pointer, fill
+    count) and the step counter; the radius policies keep no state. After
+    ``load_state_dict()`` the indexes are rebuilt over the loaded bank at the next call, so with
+    the exact indexes (``"torch"``, ``"flat"``) the next losses equal those of a run that never
+    stopped. An IVF or HNSW index is retrained at that point instead of at its scheduled
+    refresh, so its approximate candidates may differ slightly. Under torch.distributed the
+    banks are identical, so rank 0's state can be saved and loaded on every rank, with any
+    world size.
 
     Shape:
         - embeddings: ``(B, D)``; float16 and bfloat16 are scored in float32.
@@ -185,8 +212,9 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     ``num_bank_positive_pairs``, ``num_negative_pairs``, ``num_bank_negative_pairs``,
     ``num_filtered_negatives`` (mined candidates dropped for lying inside the negative radius),
     ``bank_size`` (entries before this call's batch was added), ``used_bank``,
-    ``mining_time_s`` (rebuilds included) and ``index_build_time_s`` (time spent in this call
-    rebuilding the IVF or HNSW index and the BallTree, or 0). It also has ``radius_min``,
+    ``mining_time_s`` (rebuilds included), ``index_build_time_s`` (time spent in this call
+    rebuilding the IVF or HNSW index and the BallTree, or 0) and ``communication_time_s``
+    (torch.distributed collectives, or 0). Pair counts are this rank's. It also has ``radius_min``,
     ``radius_median`` and ``radius_max`` of the first scale's positive radii and, with several
     scales, each scale's radii, pair counts and loss under ``scale{i}_``. Pair counts and
     ``num_filtered_negatives`` are summed over scales.
@@ -306,6 +334,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         # (step, bank pointer, bank rows added) when the BallTree was built.
         self._tree_state = (0, 0, 0)
         self._index_build_time_s = 0.0
+        self._communication_time_s = 0.0
         # Bank entries when the index was last built.
         self._index_build_size = 0
         # A loaded state replaces the bank, so the snapshot must be rebuilt.
@@ -341,17 +370,22 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         local = slice(0, batch_size)
         references, all_coordinates, all_ids = unit, coordinates, ids
         all_distance, all_self_pairs = batch_distance, self_pairs
+        self._communication_time_s = 0.0
         if distributed:
+            started = time.perf_counter()
             gathered = gather_batch(unit.detach(), coordinates, ids, self.process_group)
+            self._communication_time_s += time.perf_counter() - started
             local = gathered.local
-            references = torch.cat([
-                gathered.embeddings[: local.start], unit, gathered.embeddings[local.stop :]
-            ])
+            references = torch.cat(
+                [gathered.embeddings[: local.start], unit, gathered.embeddings[local.stop :]]
+            )
             all_coordinates = gathered.coordinates
             all_ids = gathered.ids if bool((gathered.ids != NO_ID).any()) else None
             all_distance = pairwise_distance(
-                all_coordinates, all_coordinates,
-                metric=self.metric, coordinate_order=self.coordinate_order,
+                all_coordinates,
+                all_coordinates,
+                metric=self.metric,
+                coordinate_order=self.coordinate_order,
             )
             all_self_pairs = torch.eye(
                 all_coordinates.shape[0], dtype=torch.bool, device=unit.device
@@ -447,14 +481,17 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             _add_scale_stats(stats, index, len(radii), positive, value, counts)
         loss = self._reduce(unit, terms, distributed)
         stats.pop("num_batch_negative_pairs", None)
-        stats.update({
-            "num_filtered_negatives": num_filtered,
-            "bank_size": bank_size,
-            "used_bank": used_bank,
-            "mining_time_s": mining_time_s,
-            "index_build_time_s": self._index_build_time_s,
-            "audit_negative_recall": audit_recall,
-        })
+        stats.update(
+            {
+                "num_filtered_negatives": num_filtered,
+                "bank_size": bank_size,
+                "used_bank": used_bank,
+                "mining_time_s": mining_time_s,
+                "index_build_time_s": self._index_build_time_s,
+                "audit_negative_recall": audit_recall,
+                "communication_time_s": self._communication_time_s,
+            }
+        )
         self.stats = stats
 
         logger.debug(
@@ -473,10 +510,31 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             if index is not None and not index.references_input and self._is_incremental(index):
                 index.update(written, self.bank.embeddings[written])
                 self._index_state = (
-                    self._index_state[0], int(self.bank.pointer), int(self.bank.num_added)
+                    self._index_state[0],
+                    int(self.bank.pointer),
+                    int(self.bank.num_added),
                 )
             self.step += 1
         return loss
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        # torch loads this module's buffers before the bank's, so the bank's settings are
+        # checked first: a refused state must leave the step counter untouched too.
+        self.bank.check_state(
+            state_dict.get(prefix + "bank.embeddings"), "memory_size", "bank_dtype"
+        )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _reduce(
         self, unit: Tensor, terms: list[tuple[float, Tensor, int]], distributed: bool
@@ -490,9 +548,11 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         """
         if distributed and not isinstance(self.loss, BaseMetricLossFunction):
             world_size = torch.distributed.get_world_size(self.process_group)
+            started = time.perf_counter()
             global_counts = all_reduce_sum(
                 [float(count) for _, _, count in terms], unit.device, self.process_group
             )
+            self._communication_time_s += time.perf_counter() - started
             terms = [
                 (weight, value * (count * world_size / total), count)
                 for (weight, value, count), total in zip(terms, global_counts)
@@ -621,8 +681,13 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         if self.positive_index == "exact":
             every_slot = torch.arange(bank_size, device=coordinates.device)
             rows, slots, distance = nearest_candidates(
-                coordinates, self.bank.coordinates[:bank_size], every_slot, limit, k,
-                usable=lambda rows, slots: self._usable_positives(ids, rows, slots), **options
+                coordinates,
+                self.bank.coordinates[:bank_size],
+                every_slot,
+                limit,
+                k,
+                usable=lambda rows, slots: self._usable_positives(ids, rows, slots),
+                **options,
             )
         else:
             tree = self._positive_tree(bank_size)
@@ -635,8 +700,13 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             rows, slots, distance = tree.query_nearest_usable(coordinates, limit, k, from_tree)
             recent = self.bank.slots_written_since(*tree_state)
             more = nearest_candidates(
-                coordinates, self.bank.coordinates[recent], recent, limit, k,
-                usable=lambda rows, slots: self._usable_positives(ids, rows, slots), **options
+                coordinates,
+                self.bank.coordinates[recent],
+                recent,
+                limit,
+                k,
+                usable=lambda rows, slots: self._usable_positives(ids, rows, slots),
+                **options,
             )
             rows = torch.cat([rows, more[0]])
             slots = torch.cat([slots, more[1]])
@@ -653,10 +723,14 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         if radius is None:
             assert self.distance_threshold is not None
             radius = torch.full(
-                (coordinates.shape[0],), self.distance_threshold, dtype=torch.float64,
+                (coordinates.shape[0],),
+                self.distance_threshold,
+                dtype=torch.float64,
                 device=coordinates.device,
             )
-        return self._nearest_bank_entries(coordinates, ids, bank_size, self.max_positives, radius)[0]
+        return self._nearest_bank_entries(coordinates, ids, bank_size, self.max_positives, radius)[
+            0
+        ]
 
     def _usable_positives(self, ids: Tensor | None, rows: Tensor, slots: Tensor) -> Tensor:
         """Mask of candidate pairs that pass the age and same-entity filters."""
@@ -864,6 +938,5 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         return (
             f"loss={self.loss!r}, temperature={self.temperature}, margin={self.margin}, "
             f"num_negatives={self.num_negatives}, max_positives={self.max_positives}, "
-            f"min_bank_size={self.min_bank_size}, index={self.index!r}, "
-            + super().extra_repr()
+            f"min_bank_size={self.min_bank_size}, index={self.index!r}, " + super().extra_repr()
         )

@@ -79,10 +79,18 @@ def reference_pairs(criterion, embeddings, lonlat, ids, distance_fn=reference.ha
 @pytest.mark.parametrize(
     "loss, in_batch",
     [
-        ("infonce", SpatialContrastiveLoss(
-            distance_threshold=RADIUS_KM, negative_threshold=BAND_KM, temperature=0.2)),
-        ("triplet", SpatialTripletLoss(
-            distance_threshold=RADIUS_KM, negative_threshold=BAND_KM, margin=1.0)),
+        (
+            "infonce",
+            SpatialContrastiveLoss(
+                distance_threshold=RADIUS_KM, negative_threshold=BAND_KM, temperature=0.2
+            ),
+        ),
+        (
+            "triplet",
+            SpatialTripletLoss(
+                distance_threshold=RADIUS_KM, negative_threshold=BAND_KM, margin=1.0
+            ),
+        ),
     ],
 )
 def test_too_small_bank_equals_in_batch_loss(loss, in_batch):
@@ -146,7 +154,9 @@ def test_euclidean_metric_matches_reference():
                 criterion, embeddings, metres[ids], ids, reference.euclidean
             )
             expected = reference.info_nce(embeddings, references, positives, negatives, 0.2)
-            assert criterion(embeddings, metres[ids], ids).item() == pytest.approx(expected, abs=1e-9)
+            assert criterion(embeddings, metres[ids], ids).item() == pytest.approx(
+                expected, abs=1e-9
+            )
             assert criterion.stats["num_bank_positive_pairs"] > 0
         else:
             criterion(embeddings, metres[ids], ids)
@@ -177,7 +187,9 @@ def test_small_max_positives_keeps_spatially_nearest():
     criterion = make_criterion(memory_size=300, max_positives=3, num_negatives=4)
     for start in range(0, 160, 32):
         batch = slice(start, start + 32)
-        criterion(random_embeddings(32, DIM, seed=start), lonlat[batch], torch.arange(start, start + 32))
+        criterion(
+            random_embeddings(32, DIM, seed=start), lonlat[batch], torch.arange(start, start + 32)
+        )
     embeddings = random_embeddings(16, DIM, seed=999)
     ids = torch.arange(160, 176)
     positives, negatives, references = reference_pairs(criterion, embeddings, lonlat[160:176], ids)
@@ -258,6 +270,45 @@ def test_state_dict_resume_gives_same_next_loss():
         assert resumed(*batch).item() == original(*batch).item()
     assert torch.equal(resumed.bank.ids, original.bank.ids)
     assert int(resumed.step) == int(original.step) == 7
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "message"),
+    [
+        ({"memory_size": 48}, ValueError, "capacity 40 but this one has 48"),
+        ({"embedding_dim": DIM + 1}, ValueError, f"embedding_dim {DIM} but this one has {DIM + 1}"),
+        (
+            {"bank_dtype": torch.float32},
+            TypeError,
+            "torch.float64 but this one stores torch.float32; build it with bank_dtype",
+        ),
+    ],
+)
+def test_loading_a_bank_with_other_settings_raises_and_changes_nothing(override, error, message):
+    stream = PlaceStream(seed=4)
+    original = make_criterion()
+    for _ in range(3):
+        original(*stream.next())
+    other = make_criterion(**override)
+    with pytest.raises(error, match=message):
+        other.load_state_dict(original.state_dict())
+    assert len(other.bank) == 0 and int(other.step) == 0
+
+
+def test_resume_with_ivf_rebuilds_the_index_over_the_loaded_bank():
+    stream = PlaceStream(seed=5)
+    batches = [stream.next() for _ in range(6)]
+    options = {"index": "ivf", "index_options": {"nlist": 2}, "bank_dtype": torch.float32}
+    original = make_criterion(**options)
+    for batch in batches[:4]:
+        original(*batch)
+    resumed = make_criterion(**options)
+    resumed.load_state_dict(original.state_dict())
+    resumed(*batches[4])
+    assert resumed.stats["index_build_time_s"] > 0
+    assert resumed.stats["bank_size"] == 40
+    assert resumed.stats["num_bank_negative_pairs"] > 0
+    assert torch.equal(resumed.bank.embeddings, original.bank.embeddings) is False
 
 
 def test_flat_and_torch_backends_agree():
