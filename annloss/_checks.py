@@ -95,8 +95,7 @@ def check_ids(ids: Tensor | None, batch_size: int, device: torch.device) -> Tens
         raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
     if ids.ndim != 1 or ids.shape[0] != batch_size:
         raise ValueError(
-            f"ids must have shape ({batch_size},), one id per embedding row, "
-            f"got {tuple(ids.shape)}"
+            f"ids must have shape ({batch_size},), one id per embedding row, got {tuple(ids.shape)}"
         )
     if ids.device != device:
         raise ValueError(

@@ -39,9 +39,7 @@ _METRICS = ("haversine", "euclidean")
 def check_coordinate_order(coordinate_order: str) -> None:
     """Raise ``ValueError`` unless ``coordinate_order`` is ``"lonlat"`` or ``"latlon"``."""
     if coordinate_order not in _ORDERS:
-        raise ValueError(
-            f"coordinate_order must be 'lonlat' or 'latlon', got {coordinate_order!r}"
-        )
+        raise ValueError(f"coordinate_order must be 'lonlat' or 'latlon', got {coordinate_order!r}")
 
 
 def check_metric(metric: str) -> None:

@@ -105,8 +105,9 @@ def gather_batch(
     ids_column = (
         torch.full((batch_size,), -1, dtype=torch.int64, device=device) if ids is None else ids
     )
-    packed = torch.zeros(max(size_list), width + coordinates.shape[1] + 1, dtype=torch.float64,
-                         device=device)
+    packed = torch.zeros(
+        max(size_list), width + coordinates.shape[1] + 1, dtype=torch.float64, device=device
+    )
     packed[:batch_size, :width] = embeddings.detach()
     packed[:batch_size, width:-1] = coordinates
     packed[:batch_size, -1] = ids_column
@@ -123,8 +124,9 @@ def gather_batch(
     )
 
 
-def all_reduce_sum(values: list[float], device: torch.device,
-                   group: dist.ProcessGroup | None = None) -> list[float]:
+def all_reduce_sum(
+    values: list[float], device: torch.device, group: dist.ProcessGroup | None = None
+) -> list[float]:
     """Return the sums over ranks of a short list of numbers (one collective)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, group=group)

@@ -298,8 +298,13 @@ class IVFIndex(_FaissIndex):
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
         # Assigning a million rows takes tens of seconds on two cores, so show progress.
         starts = range(0, size, _IVF_ADD_CHUNK)
-        progress = tqdm(starts, desc="IVF add", unit="chunk", leave=False,
-                        disable=None if size > 4 * _IVF_ADD_CHUNK else True)
+        progress = tqdm(
+            starts,
+            desc="IVF add",
+            unit="chunk",
+            leave=False,
+            disable=None if size > 4 * _IVF_ADD_CHUNK else True,
+        )
         for start in progress:
             block = data[start : start + _IVF_ADD_CHUNK]
             self._add(index, block, np.arange(start, start + len(block), dtype=np.int64))
@@ -350,7 +355,9 @@ class HNSWIndex(_FaissIndex):
         self.ef_search = ef_search
 
     def build(self, embeddings: Tensor) -> None:
-        index = faiss.IndexHNSWFlat(embeddings.shape[1], self.neighbours, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWFlat(
+            embeddings.shape[1], self.neighbours, faiss.METRIC_INNER_PRODUCT
+        )
         index.hnsw.efConstruction = self.ef_construction
         index.add(_as_float32_numpy(embeddings))
         self._index = index
@@ -416,7 +423,9 @@ class FaissGpuFlatIndex(TorchIndex):
         return scores.float(), rows
 
 
-def make_index(backend: str, device: torch.device, bank_size: int, **options: Any) -> EmbeddingIndex:
+def make_index(
+    backend: str, device: torch.device, bank_size: int, **options: Any
+) -> EmbeddingIndex:
     """Return a new index of ``backend`` for a bank on ``device`` with ``bank_size`` entries.
 
     ``"auto"`` picks FAISS's GPU brute force for a CUDA bank when FAISS has GPU support. Other

@@ -129,7 +129,9 @@ class _SpatialPairLoss(nn.Module):
         self.coordinate_order = coordinate_order
         self.stats: dict[str, float] = {}
 
-    def batch_context(self, embeddings: Tensor, coordinates: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def batch_context(
+        self, embeddings: Tensor, coordinates: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Check inputs and return what every scale needs.
 
         Returns:
@@ -292,8 +294,10 @@ class SpatialContrastiveLoss(_SpatialPairLoss):
             loss, num_pairs = info_nce_from_masks(
                 unit @ unit.T, positive_mask, negative_mask, self.temperature
             )
-            counts = {"num_positive_pairs": num_pairs,
-                      "num_negative_pairs": int(negative_mask.sum())}
+            counts = {
+                "num_positive_pairs": num_pairs,
+                "num_negative_pairs": int(negative_mask.sum()),
+            }
             return loss, counts
 
         return self._weighted_terms(embeddings, coordinates, term)

@@ -178,21 +178,27 @@ class MemoryBank(nn.Module):
         return (pointer + offsets) % self.capacity
 
     def check_state(
-        self, saved: object, capacity_argument: str = "capacity", dtype_argument: str = "dtype"
+        self,
+        saved: object,
+        capacity_argument: str = "capacity",
+        dtype_argument: str = "dtype",
+        *,
+        capacity_scale: int = 1,
     ) -> None:
         """Raise unless ``saved``, a state's ``embeddings``, fits this bank's shape and dtype.
 
         The messages name the constructor arguments to change: ``capacity_argument`` and
         ``dtype_argument``, e.g. ``"memory_size"`` and ``"bank_dtype"`` for a loss that owns
-        the bank.
+        the bank. A bank that is one of ``capacity_scale`` shards reports capacities times
+        that number, the value of ``memory_size``.
         """
         if not isinstance(saved, Tensor):
             return
         if saved.ndim != 2 or saved.shape[0] != self.capacity:
             raise ValueError(
-                f"the saved memory bank has capacity {saved.shape[0]} but this one has "
-                f"{self.capacity}; build it with {capacity_argument}={saved.shape[0]} to load "
-                "this state"
+                f"the saved memory bank has capacity {saved.shape[0] * capacity_scale} but this "
+                f"one has {self.capacity * capacity_scale}; build it with "
+                f"{capacity_argument}={saved.shape[0] * capacity_scale} to load this state"
             )
         if saved.shape[1] != self.embedding_dim:
             raise ValueError(

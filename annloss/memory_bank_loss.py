@@ -13,7 +13,7 @@ from torch import Tensor
 
 from annloss._checks import check_ids, check_non_negative, check_positive, check_same_device
 from annloss.coordinates import paired_distance, pairwise_distance
-from annloss.distributed import all_reduce_sum, gather_batch, resolve_group
+from annloss.distributed import all_reduce_sum, gather_batch, resolve_group, world_info
 from annloss.functional import (
     cosine_to_euclidean,
     info_nce_from_masks,
@@ -262,6 +262,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         k_fetch: int | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
+        shard: bool = False,
     ) -> None:
         super().__init__(
             distance_threshold=distance_threshold,
@@ -340,12 +341,22 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         # A loaded state replaces the bank, so the snapshot must be rebuilt.
         self.register_load_state_dict_post_hook(_drop_index_after_load)
 
+        self.memory_size = _check_count("memory_size", memory_size, 1)
+        self.shard = bool(shard)
+        capacity = memory_size
+        if self.shard:
+            num_shards, shard_rank = self._check_shard_setup(distributed, audit_every)
+            capacity = memory_size // num_shards
         self.bank = MemoryBank(
-            _check_count("memory_size", memory_size, 1),
-            _check_count("embedding_dim", embedding_dim, 1),
-            dtype=bank_dtype,
+            capacity, _check_count("embedding_dim", embedding_dim, 1), dtype=bank_dtype
         )
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        if self.shard:
+            # The shards split one ring of memory_size slots into world_size ranges; the ring's
+            # write count decides which rows of a step go to which shard.
+            self.register_buffer("global_num_added", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("num_shards", torch.tensor(num_shards))
+            self.register_buffer("shard_rank", torch.tensor(shard_rank))
         self.stats: dict[str, float] = {}
 
     @property
@@ -363,6 +374,14 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         check_same_device(unit, self.bank.embeddings, "the memory bank buffers")
         ids = check_ids(ids, unit.shape[0], unit.device)
         distributed = resolve_group(self.distributed)
+        if self.shard and (
+            not distributed
+            or torch.distributed.get_world_size(self.process_group) != int(self.num_shards)
+        ):
+            raise RuntimeError(
+                f"this loss keeps one of {int(self.num_shards)} bank shards (shard=True) and "
+                "must be called with the process group it was built in"
+            )
         batch_size = unit.shape[0]
 
         # The batch references: this rank's rows, or under torch.distributed every rank's rows
@@ -393,7 +412,13 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             batch_distance, self_pairs = all_distance[local], all_self_pairs[local]
             ids = None if all_ids is None else all_ids[local]
 
-        bank_size = len(self.bank)
+        # Bank entries before this call: this rank's bank, or every shard together.
+        bank_size = self._global_bank_size() if self.shard else len(self.bank)
+        if self.shard and self.training and all_coordinates.shape[0] > self.memory_size:
+            raise ValueError(
+                f"shard=True needs memory_size ({self.memory_size}) >= the rows all ranks pass "
+                f"in one step ({all_coordinates.shape[0]}); raise memory_size"
+            )
         used_bank = (
             bank_size >= self.min_bank_size
             and all_coordinates.shape[0] > 0
@@ -405,15 +430,15 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         if used_bank and any(policy.uses_bank for policy, _ in self.scales):
 
             def bank_nearest(k: int) -> Tensor:
+                if self.shard:
+                    return self._sharded_nearest(all_coordinates, all_ids, k, None)[1]
                 return self._nearest_bank_entries(all_coordinates, all_ids, bank_size, k, None)[1]
 
         # Radii come from the whole (gathered) batch, so a quantile or a batch kNN radius is
         # the one a single process would compute on the concatenated batch.
+        all_radii = self.scale_radii(all_distance, all_self_pairs, bank_nearest)
         radii = [
-            (positive[local], negative[local], weight)
-            for positive, negative, weight in self.scale_radii(
-                all_distance, all_self_pairs, bank_nearest
-            )
+            (positive[local], negative[local], weight) for positive, negative, weight in all_radii
         ]
         # A zero weight removes its scale from mining too, so it cannot change the other terms.
         active = [(index, *scale) for index, scale in enumerate(radii) if scale[2] > 0]
@@ -422,26 +447,37 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             positive_radius = torch.stack([positive for _, positive, _, _ in active])
             negative_radius = torch.stack([negative for _, _, negative, _ in active])
         audit_recall: float | None = None
-        if used_bank:
+        bank_rows = None
+        num_filtered = 0
+        if used_bank and self.shard:
+            weighted = [(p, n) for p, n, w in all_radii if w > 0]
+            slots, bank_rows, num_filtered = self._mine_sharded(
+                references.detach(),
+                all_coordinates,
+                all_ids,
+                torch.stack([p for p, _ in weighted]).max(dim=0).values,
+                torch.stack([n for _, n in weighted]),
+                local,
+                gathered.sizes,
+            )
+        elif used_bank:
             positive_slots = self._mine_positives(
                 coordinates, ids, bank_size, positive_radius.max(dim=0).values
             )
             negative_slots, num_filtered = self._mine_negatives(
                 unit.detach(), coordinates, ids, bank_size, negative_radius
             )
+            slots = _drop_repeats(torch.cat([positive_slots, negative_slots], dim=1))
         else:
-            positive_slots = torch.full((unit.shape[0], 0), -1, device=unit.device)
-            negative_slots = positive_slots
-            num_filtered = 0
+            slots = torch.full((unit.shape[0], 0), -1, device=unit.device)
         mining_time_s = time.perf_counter() - started
         if used_bank and self.audit_every and int(self.step) % self.audit_every == 0:
             audit_recall = self._audit(
                 unit.detach(), coordinates, ids, bank_size, negative_radius, negative_slots
             )
 
-        slots = _drop_repeats(torch.cat([positive_slots, negative_slots], dim=1))
         similarity, distance, excluded = self._assemble(
-            unit, references, coordinates, batch_distance, self_pairs, slots
+            unit, references, coordinates, batch_distance, self_pairs, slots, bank_rows
         )
         num_batch = references.shape[0]
         terms: list[tuple[float, Tensor, int]] = []
@@ -454,7 +490,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             # ``terms_in_mean`` is the number of terms ``value`` averages over.
             if isinstance(self.loss, BaseMetricLossFunction):
                 value = self._metric_learning_loss(
-                    unit, references, positive_mask, negative_mask, slots
+                    unit, references, positive_mask, negative_mask, slots, bank_rows
                 )
                 terms_in_mean = 1
             elif self.loss == "infonce":
@@ -503,9 +539,12 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             1000 * mining_time_s,
         )
         if self.training:
-            written = self.bank.add(
-                references.detach(), all_coordinates, all_ids, step=int(self.step)
-            )
+            if self.shard:
+                written = self._write_shard(references.detach(), all_coordinates, all_ids)
+            else:
+                written = self.bank.add(
+                    references.detach(), all_coordinates, all_ids, step=int(self.step)
+                )
             index = self._index
             if index is not None and not index.references_input and self._is_incremental(index):
                 index.update(written, self.bank.embeddings[written])
@@ -516,6 +555,217 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
                 )
             self.step += 1
         return loss
+
+    def _check_shard_setup(self, distributed: bool | None, audit_every: int) -> tuple[int, int]:
+        """Return ``(world_size, rank)`` for ``shard=True``, or raise if sharding cannot work."""
+        if distributed is False or not resolve_group(None):
+            raise RuntimeError(
+                "shard=True splits the bank across the ranks of a torch.distributed process "
+                "group: call torch.distributed.init_process_group(...) with more than one rank "
+                "before building the loss, or use shard=False"
+            )
+        if audit_every:
+            raise ValueError("audit_every needs shard=False: the audit searches the whole bank")
+        rank, world_size = world_info(self.process_group)
+        if self.memory_size % world_size:
+            raise ValueError(
+                f"shard=True needs memory_size ({self.memory_size}) divisible by the world size "
+                f"({world_size}); use memory_size={self.memory_size // world_size * world_size}"
+            )
+        return world_size, rank
+
+    def _global_bank_size(self) -> int:
+        """Entries in all shards together."""
+        return min(int(self.global_num_added), self.memory_size)
+
+    @torch.no_grad()
+    def _write_shard(self, embeddings: Tensor, coordinates: Tensor, ids: Tensor | None) -> Tensor:
+        """Write the rows of a global batch whose global slot lies in this rank's range.
+
+        Global slots run over one ring of ``memory_size``; rank ``r`` holds slots
+        ``[r * capacity, (r + 1) * capacity)``. Writes reach a shard in slot order, so its own
+        ring pointer follows the global one.
+        """
+        capacity = self.bank.capacity
+        start = int(self.global_num_added) % self.memory_size
+        offsets = torch.arange(embeddings.shape[0], device=embeddings.device)
+        global_slots = (start + offsets) % self.memory_size
+        mine = global_slots // capacity == int(self.shard_rank)
+        if bool(mine.any()):
+            first = int(global_slots[mine][0]) - int(self.shard_rank) * capacity
+            if first != int(self.bank.pointer):
+                raise RuntimeError(
+                    f"this shard's next slot is {int(self.bank.pointer)} but the global ring "
+                    f"writes slot {first}; each rank must load the state its own rank saved"
+                )
+        written = self.bank.add(
+            embeddings[mine],
+            coordinates[mine],
+            None if ids is None else ids[mine],
+            step=int(self.step),
+        )
+        self.global_num_added += embeddings.shape[0]
+        return written
+
+    def _merge_candidates(self, slots: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Merge every shard's candidates and keep the ``k`` with the smallest key per row.
+
+        Args:
+            slots: ``(R, C)`` global slots of this shard's candidates, ``-1`` padded.
+            keys: ``(R, C)`` float64 ranking keys (spatial distance, or minus the similarity),
+                ``inf`` where padded.
+
+        Returns:
+            ``(slots, keys)``, each ``(R, k)``, ties broken by slot as in a single bank.
+        """
+        started = time.perf_counter()
+        packed = torch.cat([slots.to(torch.float64), keys], dim=1)
+        pieces = [torch.empty_like(packed) for _ in range(int(self.num_shards))]
+        torch.distributed.all_gather(pieces, packed, group=self.process_group)
+        self._communication_time_s += time.perf_counter() - started
+        width = slots.shape[1]
+        all_slots = torch.cat([piece[:, :width] for piece in pieces], dim=1).to(torch.int64)
+        all_keys = torch.cat([piece[:, width:] for piece in pieces], dim=1)
+        finite = torch.isfinite(all_keys) & (all_slots >= 0)
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(all_slots)
+        return nearest_per_row(
+            rows[finite],
+            all_slots[finite],
+            all_keys[finite],
+            slots.shape[0],
+            k,
+            return_distance=True,
+        )
+
+    def _sharded_nearest(
+        self, coordinates: Tensor, ids: Tensor | None, k: int, radius: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_nearest_bank_entries` over every shard: ``(N, k)`` global slots, distances."""
+        num_anchors = coordinates.shape[0]
+        if len(self.bank):
+            slots, distance = self._nearest_bank_entries(
+                coordinates, ids, len(self.bank), k, radius
+            )
+        else:
+            slots = torch.full((num_anchors, k), -1, dtype=torch.int64, device=coordinates.device)
+            distance = torch.full(slots.shape, math.inf, dtype=torch.float64, device=slots.device)
+        offset = int(self.shard_rank) * self.bank.capacity
+        slots = torch.where(slots >= 0, slots + offset, -1)
+        return self._merge_candidates(slots, distance, k)
+
+    def _mine_sharded(
+        self,
+        unit: Tensor,
+        coordinates: Tensor,
+        ids: Tensor | None,
+        positive_radius: Tensor,
+        negative_radius: Tensor,
+        local: slice,
+        sizes: list[int],
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], int]:
+        """Mine every rank's anchors in this shard, merge across shards, fetch this rank's rows.
+
+        Every rank searches its shard for all ``N`` anchors of the global batch and the
+        candidates are merged by spatial distance (positives) or similarity (negatives), so
+        the result is what one bank holding every shard would give.
+
+        Args:
+            unit: ``(N, D)`` unit embeddings of the global batch.
+            positive_radius: ``(N,)`` largest positive radius per anchor.
+            negative_radius: ``(S, N)`` negative radius per scale and anchor.
+
+        Returns:
+            ``(slots, (embeddings, coordinates), num_filtered)``: this rank's ``(B, C)``
+            global slots and the ``(B, C, D)`` and ``(B, C, 2)`` rows they hold, and the
+            candidates this shard dropped inside a negative radius, for every rank's anchors.
+        """
+        num_anchors = unit.shape[0]
+        num_scales = negative_radius.shape[0]
+        k = self.num_negatives
+        positive_slots, _ = self._sharded_nearest(
+            coordinates, ids, self.max_positives, positive_radius
+        )
+        if len(self.bank):
+            negative_slots, num_filtered = self._mine_negatives(
+                unit, coordinates, ids, len(self.bank), negative_radius
+            )
+        else:
+            negative_slots = torch.full(
+                (num_anchors, num_scales * k), -1, dtype=torch.int64, device=unit.device
+            )
+            num_filtered = 0
+        filled = negative_slots >= 0
+        rows = self.bank.embeddings[negative_slots.clamp_min(0)].to(torch.float64)
+        similarity = torch.einsum("nd,nkd->nk", unit.to(torch.float64), rows)
+        keys = torch.where(filled, -similarity, math.inf)
+        offset = int(self.shard_rank) * self.bank.capacity
+        negative_slots = torch.where(filled, negative_slots + offset, -1)
+        # One merge per scale: rows of (anchor, scale), K candidates each.
+        negative_slots, _ = self._merge_candidates(
+            negative_slots.reshape(num_anchors * num_scales, k),
+            keys.reshape(num_anchors * num_scales, k),
+            k,
+        )
+        slots = _drop_repeats(
+            torch.cat([positive_slots, negative_slots.reshape(num_anchors, -1)], dim=1)
+        )
+        return slots[local], self._exchange_rows(slots, sizes), num_filtered
+
+    def _exchange_rows(self, slots: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
+        """Send each rank the shard rows its anchors selected; return this rank's.
+
+        Every rank holds the same merged ``(N, C)`` global ``slots``, so each knows what to
+        send and how many rows to expect from each shard. Rows travel in one float64 tensor
+        per pair of ranks, in row-major order of the anchors' selections.
+
+        Returns:
+            ``(embeddings (B, C, D), coordinates (B, C, 2))`` of this rank's anchors, in the
+            bank dtype and float64.
+        """
+        started = time.perf_counter()
+        capacity = self.bank.capacity
+        rank = int(self.shard_rank)
+        width = self.bank.embedding_dim
+        owner = torch.where(slots >= 0, slots // capacity, -1)
+        bounds = [0]
+        for size in sizes:
+            bounds.append(bounds[-1] + size)
+        send = []
+        for destination in range(len(sizes)):
+            block = slice(bounds[destination], bounds[destination + 1])
+            mine = owner[block] == rank
+            local_slots = slots[block][mine] - rank * capacity
+            send.append(
+                torch.cat(
+                    [
+                        self.bank.embeddings[local_slots].to(torch.float64),
+                        self.bank.coordinates[local_slots],
+                    ],
+                    dim=1,
+                )
+            )
+        local_owner = owner[bounds[rank] : bounds[rank + 1]]
+        receive_sizes = [int((local_owner == source).sum()) for source in range(len(sizes))]
+        received = send[0].new_empty(sum(receive_sizes), send[0].shape[1])
+        # Gloo's list all_to_all needs equal sizes; the single-tensor form takes splits.
+        torch.distributed.all_to_all_single(
+            received,
+            torch.cat(send),
+            output_split_sizes=receive_sizes,
+            input_split_sizes=[len(rows) for rows in send],
+            group=self.process_group,
+        )
+        receive = received.split(receive_sizes)
+        embeddings = self.bank.embeddings.new_zeros(*local_owner.shape, width)
+        coordinates = self.bank.coordinates.new_zeros(
+            *local_owner.shape, self.bank.coordinates.shape[1]
+        )
+        for source, rows in enumerate(receive):
+            chosen = local_owner == source
+            embeddings[chosen] = rows[:, :width].to(embeddings.dtype)
+            coordinates[chosen] = rows[:, width:]
+        self._communication_time_s += time.perf_counter() - started
+        return embeddings, coordinates
 
     def _load_from_state_dict(
         self,
@@ -529,8 +779,34 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     ) -> None:
         # torch loads this module's buffers before the bank's, so the bank's settings are
         # checked first: a refused state must leave the step counter untouched too.
+        saved_shards = state_dict.get(prefix + "num_shards")
+        if self.shard and saved_shards is None:
+            raise ValueError(
+                "this state was saved by a loss with shard=False; load it into one built with "
+                "shard=False (the whole bank on every rank)"
+            )
+        if not self.shard and saved_shards is not None:
+            raise ValueError(
+                f"this state is one shard of a bank split over {int(saved_shards)} ranks "
+                "(shard=True); load it on the same rank of a run with that many ranks"
+            )
+        if self.shard:
+            if int(saved_shards) != int(self.num_shards):
+                raise ValueError(
+                    f"this state is a shard of a bank split over {int(saved_shards)} ranks, but "
+                    f"this run has {int(self.num_shards)}; resume with the same world size"
+                )
+            saved_rank = int(state_dict[prefix + "shard_rank"])
+            if saved_rank != int(self.shard_rank):
+                raise ValueError(
+                    f"this state is the shard of rank {saved_rank} but is loaded on rank "
+                    f"{int(self.shard_rank)}; each rank must load the file its own rank saved"
+                )
         self.bank.check_state(
-            state_dict.get(prefix + "bank.embeddings"), "memory_size", "bank_dtype"
+            state_dict.get(prefix + "bank.embeddings"),
+            "memory_size",
+            "bank_dtype",
+            capacity_scale=int(self.num_shards) if self.shard else 1,
         )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -571,11 +847,14 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         batch_distance: Tensor,
         self_pairs: Tensor,
         slots: Tensor,
+        bank_rows: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Concatenate batch and bank references into ``(B, N + C)`` matrices.
 
         ``references`` are the ``N`` batch rows (``N > B`` under torch.distributed), and
-        ``batch_distance`` and ``self_pairs`` are ``(B, N)``.
+        ``batch_distance`` and ``self_pairs`` are ``(B, N)``. ``bank_rows`` holds the
+        embeddings ``(B, C, D)`` and coordinates ``(B, C, 2)`` of ``slots`` when they come from
+        other ranks' shards; by default they are read from this rank's bank.
 
         Returns:
             ``(similarity, spatial_distance, excluded)``: cosine similarities, spatial distances
@@ -585,12 +864,13 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         if slots.shape[1] == 0:
             return similarity, batch_distance, self_pairs
         filled = slots >= 0
-        safe_slots = slots.clamp_min(0)
-        references = self.bank.embeddings[safe_slots].to(unit.dtype)
-        bank_similarity = torch.einsum("bd,bkd->bk", unit, references)
+        if bank_rows is None:
+            safe_slots = slots.clamp_min(0)
+            bank_rows = (self.bank.embeddings[safe_slots], self.bank.coordinates[safe_slots])
+        bank_similarity = torch.einsum("bd,bkd->bk", unit, bank_rows[0].to(unit.dtype))
         bank_distance = paired_distance(
             coordinates[:, None, :],
-            self.bank.coordinates[safe_slots],
+            bank_rows[1],
             metric=self.metric,
             coordinate_order=self.coordinate_order,
         )
@@ -607,6 +887,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         positive_mask: Tensor,
         negative_mask: Tensor,
         slots: Tensor,
+        bank_rows: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Score the mined pairs with the wrapped pytorch-metric-learning loss.
 
@@ -621,9 +902,13 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         bank_columns = torch.full_like(slots, -1)
         bank_columns[filled] = num_batch + inverse
         columns = torch.cat([columns, bank_columns], dim=1)
-        references = torch.cat(
-            [batch_references, self.bank.embeddings[unique_slots].to(unit.dtype)]
-        )
+        if bank_rows is None:
+            bank_embeddings = self.bank.embeddings[unique_slots]
+        else:
+            # Every occurrence of a slot carries the same row, so any one of them will do.
+            bank_embeddings = bank_rows[0].new_empty(len(unique_slots), unit.shape[1])
+            bank_embeddings[inverse] = bank_rows[0][filled]
+        references = torch.cat([batch_references, bank_embeddings.to(unit.dtype)])
 
         valid_anchor = (positive_mask.any(dim=1) & negative_mask.any(dim=1))[:, None]
         a1, positive_column = torch.nonzero(positive_mask & valid_anchor, as_tuple=True)

@@ -75,15 +75,11 @@ class RadiusPolicy:
         self.min_radius = _check_number("min_radius", min_radius)
         self.max_radius = _check_number("max_radius", max_radius)
         if self.max_radius < self.min_radius:
-            raise ValueError(
-                f"max_radius ({max_radius}) must be >= min_radius ({min_radius})"
-            )
+            raise ValueError(f"max_radius ({max_radius}) must be >= min_radius ({min_radius})")
         self.negative_factor = _check_number("negative_factor", negative_factor, minimum=1.0)
         self.negative_offset = _check_number("negative_offset", negative_offset)
 
-    def positive_radius(
-        self, batch_distance: Tensor, bank_nearest: BankNearest | None
-    ) -> Tensor:
+    def positive_radius(self, batch_distance: Tensor, bank_nearest: BankNearest | None) -> Tensor:
         """Return the unclamped ``(B,)`` float64 positive radius of each anchor.
 
         Args:
@@ -143,7 +139,9 @@ class FixedRadius(RadiusPolicy):
 
     def positive_radius(self, batch_distance, bank_nearest):
         return torch.full(
-            (batch_distance.shape[0],), self.radius, dtype=torch.float64,
+            (batch_distance.shape[0],),
+            self.radius,
+            dtype=torch.float64,
             device=batch_distance.device,
         )
 
@@ -206,8 +204,9 @@ class QuantileRadius(RadiusPolicy):
 def _kth_in_batch(batch_distance: Tensor, k: int) -> Tensor:
     """Return each row's ``k``-th smallest distance, ``inf`` where the row has fewer."""
     if k > batch_distance.shape[1]:
-        return torch.full((batch_distance.shape[0],), math.inf, dtype=torch.float64,
-                          device=batch_distance.device)
+        return torch.full(
+            (batch_distance.shape[0],), math.inf, dtype=torch.float64, device=batch_distance.device
+        )
     return torch.topk(batch_distance, k, dim=1, largest=False).values[:, -1]
 
 

@@ -45,8 +45,9 @@ def _per_anchor(radius: float | Tensor, anchors: Tensor) -> Tensor:
     """``radius`` as a ``(B,)`` float64 tensor on the anchors' device."""
     if isinstance(radius, Tensor):
         return radius.to(device=anchors.device, dtype=torch.float64)
-    return torch.full((anchors.shape[0],), float(radius), dtype=torch.float64,
-                      device=anchors.device)
+    return torch.full(
+        (anchors.shape[0],), float(radius), dtype=torch.float64, device=anchors.device
+    )
 
 
 def exact_radius_candidates(
@@ -129,8 +130,12 @@ def nearest_candidates(
         return _empty_candidates(anchors.device)
     if torch.isfinite(radius).all():
         rows, slots, distance = exact_radius_candidates(
-            anchors, references, reference_slots, radius,
-            metric=metric, coordinate_order=coordinate_order,
+            anchors,
+            references,
+            reference_slots,
+            radius,
+            metric=metric,
+            coordinate_order=coordinate_order,
         )
         keep = usable(rows, slots)
         return rows[keep], slots[keep], distance[keep]
@@ -231,7 +236,6 @@ class BallTreeRadiusIndex:
         )
         inside = distance < radius
         return rows[inside], slots[inside], distance[inside]
-
 
     def query_nearest(
         self, anchors: Tensor, radius: float | Tensor, k: int

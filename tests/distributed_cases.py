@@ -21,11 +21,18 @@ STEPS = 6
 # Rows per rank of every case; "unequal" gives the two ranks different batch sizes.
 BATCH_SIZES = {"unequal": (5, 3)}
 DEFAULT_BATCH = (8, 8)
+COUNTED_STATS = ("num_bank_positive_pairs", "num_bank_negative_pairs", "num_positive_pairs")
 
 
 def make_criterion(case: str) -> annloss.MemoryBankSpatialLoss:
-    """The loss of ``case``; the same settings on every rank and in the reference process."""
+    """The loss of ``case``; the same settings on every rank and in the reference process.
+
+    A case named ``"<case>-sharded"`` is ``<case>`` with the bank split over the ranks.
+    """
     common = {"embedding_dim": DIM, "memory_size": 40, "num_negatives": 8, "max_positives": 8}
+    if case.endswith("-sharded"):
+        common["shard"] = True
+        case = case.removesuffix("-sharded")
     if case in ("fixed", "unequal"):
         return annloss.MemoryBankSpatialLoss(distance_threshold=300.0, index="torch", **common)
     if case == "knn-radius":
@@ -41,7 +48,7 @@ def make_criterion(case: str) -> annloss.MemoryBankSpatialLoss:
 
 def batch(case: str, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(embeddings, lonlat, ids)`` of one rank at one step, the same in every process."""
-    size = BATCH_SIZES.get(case, DEFAULT_BATCH)[rank]
+    size = BATCH_SIZES.get(case.removesuffix("-sharded"), DEFAULT_BATCH)[rank]
     seed = 1000 * step + 10 * rank
     lonlat = clustered_lonlat(size, num_clusters=3, spread_deg=3.0, seed=seed % 7)
     # Jitter so that no two rows of the stream share coordinates exactly.
@@ -69,8 +76,7 @@ def _init(rank: int, world_size: int, output_dir: Path) -> None:
     )
 
 
-def run_cases(rank: int, world_size: int, output_dir: str, cases: list[str],
-              save_at: int) -> None:
+def run_cases(rank: int, world_size: int, output_dir: str, cases: list[str], save_at: int) -> None:
     """Train every case for ``STEPS`` steps; record the losses and the final state.
 
     The state of each case after ``save_at`` steps is saved too, as a checkpoint to resume.
@@ -80,7 +86,7 @@ def run_cases(rank: int, world_size: int, output_dir: str, cases: list[str],
     try:
         for case in cases:
             criterion = make_criterion(case)
-            losses = []
+            losses, counts = [], []
             for step in range(STEPS):
                 embeddings, lonlat, ids = batch(case, step, rank)
                 embeddings.requires_grad_()
@@ -88,10 +94,11 @@ def run_cases(rank: int, world_size: int, output_dir: str, cases: list[str],
                 loss.backward()
                 assert embeddings.grad is not None
                 losses.append(loss.detach())
+                counts.append([criterion.stats[name] for name in ("bank_size", *COUNTED_STATS)])
                 if step + 1 == save_at:
                     torch.save(criterion.state_dict(), output_dir / f"{case}-checkpoint-{rank}.pt")
             torch.save(
-                {"losses": losses, "state": criterion.state_dict()},
+                {"losses": losses, "counts": counts, "state": criterion.state_dict()},
                 output_dir / f"{case}-rank{rank}.pt",
             )
     finally:
@@ -99,18 +106,38 @@ def run_cases(rank: int, world_size: int, output_dir: str, cases: list[str],
 
 
 def resume_case(rank: int, world_size: int, output_dir: str, case: str, save_at: int) -> None:
-    """Load rank 0's checkpoint into a fresh loss and run the remaining steps."""
+    """Load a checkpoint into a fresh loss and run the remaining steps.
+
+    A shared bank loads rank 0's file on every rank; a sharded one loads its own rank's.
+    """
     output_dir = Path(output_dir)
     _init(rank, world_size, output_dir)
     try:
         criterion = make_criterion(case)
-        state = torch.load(output_dir / f"{case}-checkpoint-0.pt", weights_only=True)
+        source = rank if case.endswith("-sharded") else 0
+        state = torch.load(output_dir / f"{case}-checkpoint-{source}.pt", weights_only=True)
         criterion.load_state_dict(state)
         losses = []
         for step in range(save_at, STEPS):
             embeddings, lonlat, ids = batch(case, step, rank)
             losses.append(criterion(embeddings, lonlat, ids).detach())
         torch.save({"losses": losses}, output_dir / f"{case}-resumed-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def load_other_shard(rank: int, world_size: int, output_dir: str, case: str) -> None:
+    """Load the other rank's shard; the error message goes to a file per rank."""
+    output_dir = Path(output_dir)
+    _init(rank, world_size, output_dir)
+    try:
+        criterion = make_criterion(case)
+        other = (rank + 1) % world_size
+        state = torch.load(output_dir / f"{case}-checkpoint-{other}.pt", weights_only=True)
+        try:
+            criterion.load_state_dict(state)
+        except ValueError as error:
+            (output_dir / f"error-{rank}.txt").write_text(str(error))
     finally:
         dist.destroy_process_group()
 

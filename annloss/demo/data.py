@@ -138,7 +138,9 @@ def split_places(
         )
     order = np.random.default_rng(seed).permutation(num_places)
     eval_indices = order[:num_eval]
-    train_indices = order[num_eval:] if num_train is None else order[num_eval : num_eval + num_train]
+    train_indices = (
+        order[num_eval:] if num_train is None else order[num_eval : num_eval + num_train]
+    )
     return train_indices.astype(np.int64), eval_indices.astype(np.int64)
 
 

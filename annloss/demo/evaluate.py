@@ -132,7 +132,9 @@ def neighbour_recall_at_k(
     if true_neighbours is None:
         true_neighbours = geographic_neighbours(coordinates, k)
     predicted = embedding_neighbours(embeddings, k)
-    overlap = [len(np.intersect1d(p, t, assume_unique=True)) for p, t in zip(predicted, true_neighbours)]
+    overlap = [
+        len(np.intersect1d(p, t, assume_unique=True)) for p, t in zip(predicted, true_neighbours)
+    ]
     return float(np.mean(overlap) / k)
 
 

@@ -113,7 +113,9 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
         title="positive pairs per step", xlabel="step", ylabel="pairs within radius", yscale="log"
     )
     radius_axis.set(
-        title="median positive radius per step (first scale)", xlabel="step", ylabel="km",
+        title="median positive radius per step (first scale)",
+        xlabel="step",
+        ylabel="km",
         yscale="log",
     )
     for axis in (loss_axis, recall_axis, positives_axis, radius_axis):

@@ -144,7 +144,9 @@ def train_model(
         FloatingPointError: if the loss becomes NaN or infinite.
     """
     history = TrainingHistory(method=method)
-    history.initial_parameter_sum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    history.initial_parameter_sum = float(
+        sum(p.detach().double().sum() for p in model.parameters())
+    )
     optimizers = [
         torch.optim.SparseAdam(model.sparse_parameters(), lr=config.learning_rate),
         torch.optim.Adam(model.dense_parameters(), lr=config.learning_rate),
