@@ -179,6 +179,10 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             one rank is initialised.
         process_group: the torch.distributed group to share the bank in. Default: None, the
             default group.
+        shard: split the bank over the ranks instead of keeping all of it on each: rank ``r``
+            holds ``memory_size / world_size`` entries (see below). Needs an initialised
+            process group when the loss is built, and ``memory_size`` divisible by the world
+            size. Default: False.
 
     Under torch.distributed (for example DistributedDataParallel launched with ``torchrun``)
     every call gathers the batch of every rank, in rank order and without gradient, so each
@@ -193,6 +197,17 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     rank's anchors. Every rank must call the loss at every step, as with any collective;
     batch sizes may differ between ranks.
 
+    With ``shard=True`` the global batch still reaches every rank, but each rank stores only
+    the rows whose slot in one ring of ``memory_size`` entries falls in its range, so the
+    shards together hold exactly what the unsharded bank would. Each step every rank searches
+    its shard for the anchors of all ranks, the candidates are merged across ranks (the
+    nearest positives and, per scale, the most similar negatives), and each rank receives the
+    embeddings and coordinates its anchors selected. With exact indexes the mined entries are
+    those of the unsharded bank. The search costs the same per rank as without sharding
+    (``N`` anchors against ``M / world_size`` entries instead of ``B`` against ``M``);
+    the memory falls by the world size. ``num_filtered_negatives`` then counts this shard's
+    candidates for every rank's anchors, and ``audit_every`` is not available.
+
     ``state_dict()`` holds the bank (embeddings, coordinates, ids, write steps, pointer, fill
     count) and the step counter; the radius policies keep no state. After
     ``load_state_dict()`` the indexes are rebuilt over the loaded bank at the next call, so with
@@ -200,7 +215,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     stopped. An IVF or HNSW index is retrained at that point instead of at its scheduled
     refresh, so its approximate candidates may differ slightly. Under torch.distributed the
     banks are identical, so rank 0's state can be saved and loaded on every rank, with any
-    world size.
+    world size. A sharded bank is saved and loaded per rank, with the same world size; loading
+    another rank's shard, or a shard into an unsharded loss, raises an error.
 
     Shape:
         - embeddings: ``(B, D)``; float16 and bfloat16 are scored in float32.
@@ -363,6 +379,11 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     def embedding_dim(self) -> int:
         return self.bank.embedding_dim
 
+    @property
+    def bank_size(self) -> int:
+        """Entries in the bank now; with ``shard=True``, in all shards together."""
+        return self._global_bank_size() if self.shard else len(self.bank)
+
     def forward(self, embeddings: Tensor, coordinates: Tensor, ids: Tensor | None = None) -> Tensor:
         unit, coordinates, batch_distance, self_pairs = self.batch_context(embeddings, coordinates)
         if unit.shape[1] != self.embedding_dim:
@@ -413,7 +434,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             ids = None if all_ids is None else all_ids[local]
 
         # Bank entries before this call: this rank's bank, or every shard together.
-        bank_size = self._global_bank_size() if self.shard else len(self.bank)
+        bank_size = self.bank_size
         if self.shard and self.training and all_coordinates.shape[0] > self.memory_size:
             raise ValueError(
                 f"shard=True needs memory_size ({self.memory_size}) >= the rows all ranks pass "

@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="places per rank and step")
     parser.add_argument("--checkpoint", type=Path, default=Path("distributed-checkpoint.pt"))
     parser.add_argument("--save-every", type=int, default=10)
+    parser.add_argument(
+        "--shard", action="store_true", help="split the bank over the ranks (one file per rank)"
+    )
     arguments = parser.parse_args()
 
     use_cuda = torch.cuda.is_available()
@@ -78,7 +81,11 @@ def main() -> None:
         negative_threshold=200.0,  # km
         memory_size=8192,
         num_negatives=32,
+        shard=arguments.shard,
     ).to(device)
+    # A shared bank is the same on every rank and travels in rank 0's checkpoint; each shard
+    # of a sharded bank is saved by its own rank.
+    shard_path = arguments.checkpoint.with_suffix(f".rank{rank}.pt")
 
     start = 0
     if arguments.checkpoint.exists():
@@ -86,10 +93,12 @@ def main() -> None:
         state = torch.load(arguments.checkpoint, map_location=device, weights_only=True)
         model.module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if arguments.shard:
+            state["criterion"] = torch.load(shard_path, map_location=device, weights_only=True)
         criterion.load_state_dict(state["criterion"])
         start = int(state["step"])
         if rank == 0:
-            print(f"resumed at step {start} with {len(criterion.bank)} bank entries")
+            print(f"resumed at step {start} with {criterion.bank_size} bank entries")
 
     # Each rank draws its own batches; the seed depends on the step so a resumed run sees the
     # batches the uninterrupted run would have seen.
@@ -110,17 +119,20 @@ def main() -> None:
         global_loss = loss.detach().clone()
         dist.all_reduce(global_loss)
         global_loss /= world_size
-        if rank == 0 and (step + 1) % arguments.save_every == 0:
+        saving = (step + 1) % arguments.save_every == 0
+        if saving and arguments.shard:
+            torch.save(criterion.state_dict(), shard_path)
+        if rank == 0 and saving:
             print(
                 f"step {step + 1}: loss {global_loss.item():.3f}, "
-                f"bank {len(criterion.bank)} entries, "
+                f"bank {criterion.bank_size} entries, "
                 f"{criterion.stats['num_bank_negative_pairs']} mined negatives on rank 0"
             )
             torch.save(
                 {
                     "model": model.module.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "criterion": criterion.state_dict(),
+                    "criterion": None if arguments.shard else criterion.state_dict(),
                     "step": step + 1,
                 },
                 arguments.checkpoint,
