@@ -185,28 +185,29 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             size. Default: False.
 
     Under torch.distributed (for example DistributedDataParallel launched with ``torchrun``)
-    every call gathers the batch of every rank, in rank order and without gradient, so each
-    rank scores its own anchors against the whole global batch and the bank, and writes the
-    whole global batch into its bank: the banks stay identical on all ranks. Quantile and
-    batch kNN radii are computed on the global batch. Each rank returns
-    ``world_size * (sum of its anchors' terms) / (number of terms on all ranks)``, so the mean
-    of the returned losses over ranks, which is what DDP's gradient averaging applies, equals
-    the loss of one process on the concatenated batch. The gradient flows through this rank's
-    rows only: a pair whose reference belongs to another rank contributes through its anchor
-    alone. A pytorch-metric-learning ``loss`` reduces internally and returns its mean over this
-    rank's anchors. Every rank must call the loss at every step, as with any collective;
-    batch sizes may differ between ranks.
+    every call gathers the batch of every rank, in rank order and without gradient. Each rank
+    scores its own anchors against the whole global batch and the bank, and writes the whole
+    global batch into its bank, so the banks stay identical on all ranks. Quantile and batch
+    kNN radii are computed on the global batch. Each rank returns
+    ``world_size * (sum of its anchors' terms) / (number of terms on all ranks)``. The mean of
+    the returned losses over ranks, which is what DDP's gradient averaging applies, therefore
+    equals the loss of one process on the concatenated batch. The gradient flows through this
+    rank's rows only, so a pair whose reference belongs to another rank contributes through
+    its anchor alone. A pytorch-metric-learning ``loss`` reduces internally and returns its
+    mean over this rank's anchors. Every rank must call the loss at every step, as with any
+    collective, and batch sizes may differ between ranks. A loss that only some ranks call,
+    such as an evaluation on rank 0, needs ``distributed=False``.
 
     With ``shard=True`` the global batch still reaches every rank, but each rank stores only
-    the rows whose slot in one ring of ``memory_size`` entries falls in its range, so the
-    shards together hold exactly what the unsharded bank would. Each step every rank searches
-    its shard for the anchors of all ranks, the candidates are merged across ranks (the
-    nearest positives and, per scale, the most similar negatives), and each rank receives the
-    embeddings and coordinates its anchors selected. With exact indexes the mined entries are
-    those of the unsharded bank. The search costs the same per rank as without sharding
-    (``N`` anchors against ``M / world_size`` entries instead of ``B`` against ``M``);
-    the memory falls by the world size. ``num_filtered_negatives`` then counts this shard's
-    candidates for every rank's anchors, and ``audit_every`` is not available.
+    the rows whose slot in one ring of ``memory_size`` entries falls in its range. The shards
+    together therefore contain exactly what the unsharded bank would. Each step every rank
+    searches its shard for the anchors of all ranks. The candidates are merged across ranks
+    (the nearest positives and, per scale, the most similar negatives), and each rank receives
+    the embeddings and coordinates that its anchors selected. With exact indexes the mined
+    entries are those of the unsharded bank. The search costs the same per rank as without
+    sharding (``N`` anchors against ``M / world_size`` entries instead of ``B`` against
+    ``M``), and the memory falls by the world size. ``num_filtered_negatives`` then counts
+    this shard's candidates for every rank's anchors, and ``audit_every`` is not available.
 
     ``state_dict()`` holds the bank (embeddings, coordinates, ids, write steps, pointer, fill
     count) and the step counter; the radius policies keep no state. After
@@ -215,7 +216,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     stopped. An IVF or HNSW index is retrained at that point instead of at its scheduled
     refresh, so its approximate candidates may differ slightly. Under torch.distributed the
     banks are identical, so rank 0's state can be saved and loaded on every rank, with any
-    world size. A sharded bank is saved and loaded per rank, with the same world size; loading
+    world size. A sharded bank is saved and loaded per rank, with the same world size. Loading
     another rank's shard, or a shard into an unsharded loss, raises an error.
 
     Shape:
@@ -381,7 +382,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
 
     @property
     def bank_size(self) -> int:
-        """Entries in the bank now; with ``shard=True``, in all shards together."""
+        """Number of bank entries, summed over all shards with ``shard=True``."""
         return self._global_bank_size() if self.shard else len(self.bank)
 
     def forward(self, embeddings: Tensor, coordinates: Tensor, ids: Tensor | None = None) -> Tensor:
@@ -438,7 +439,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         if self.shard and self.training and all_coordinates.shape[0] > self.memory_size:
             raise ValueError(
                 f"shard=True needs memory_size ({self.memory_size}) >= the rows all ranks pass "
-                f"in one step ({all_coordinates.shape[0]}); raise memory_size"
+                f"in one step ({all_coordinates.shape[0]}); increase memory_size"
             )
         used_bank = (
             bank_size >= self.min_bank_size
@@ -603,7 +604,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     def _write_shard(self, embeddings: Tensor, coordinates: Tensor, ids: Tensor | None) -> Tensor:
         """Write the rows of a global batch whose global slot lies in this rank's range.
 
-        Global slots run over one ring of ``memory_size``; rank ``r`` holds slots
+        Global slots run over one ring of ``memory_size``, and rank ``r`` stores slots
         ``[r * capacity, (r + 1) * capacity)``. Writes reach a shard in slot order, so its own
         ring pointer follows the global one.
         """
@@ -735,7 +736,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
     def _exchange_rows(self, slots: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
         """Send each rank the shard rows its anchors selected; return this rank's.
 
-        Every rank holds the same merged ``(N, C)`` global ``slots``, so each knows what to
+        Every rank has the same merged ``(N, C)`` global ``slots``, so each computes what to
         send and how many rows to expect from each shard. Rows travel in one float64 tensor
         per pair of ranks, in row-major order of the anchors' selections.
 
@@ -873,7 +874,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         """Concatenate batch and bank references into ``(B, N + C)`` matrices.
 
         ``references`` are the ``N`` batch rows (``N > B`` under torch.distributed), and
-        ``batch_distance`` and ``self_pairs`` are ``(B, N)``. ``bank_rows`` holds the
+        ``batch_distance`` and ``self_pairs`` are ``(B, N)``. ``bank_rows`` contains the
         embeddings ``(B, C, D)`` and coordinates ``(B, C, 2)`` of ``slots`` when they come from
         other ranks' shards; by default they are read from this rank's bank.
 
