@@ -10,12 +10,16 @@ The public API:
 - Radius policies for ``radius=`` and ``scales=``: :class:`FixedRadius`,
   :class:`QuantileRadius`, :class:`KNNRadius`, :class:`TargetPositives`, and
   :func:`log_scales`.
-- :mod:`annloss.coordinates`: coordinate validation and haversine distances.
+- :mod:`annloss.coordinates`: coordinate validation, haversine distances, and conversions
+  between degrees and EPSG:4087 metres (:func:`lonlat_to_epsg4087`,
+  :func:`epsg4087_to_lonlat`).
 """
 
 from annloss.coordinates import (
     EARTH_RADIUS_KM,
+    epsg4087_to_lonlat,
     haversine_km,
+    lonlat_to_epsg4087,
     paired_distance,
     pairwise_distance,
     pairwise_haversine_km,
@@ -46,8 +50,10 @@ __all__ = [
     "SpatialContrastiveLoss",
     "SpatialTripletLoss",
     "TargetPositives",
+    "epsg4087_to_lonlat",
     "haversine_km",
     "log_scales",
+    "lonlat_to_epsg4087",
     "paired_distance",
     "pairwise_distance",
     "pairwise_haversine_km",

@@ -15,9 +15,12 @@ from torch import Tensor
 
 __all__ = [
     "EARTH_RADIUS_KM",
+    "WGS84_SEMI_MAJOR_AXIS_M",
     "CoordinateOrder",
     "Metric",
+    "epsg4087_to_lonlat",
     "haversine_km",
+    "lonlat_to_epsg4087",
     "paired_distance",
     "pairwise_distance",
     "pairwise_haversine_km",
@@ -257,3 +260,94 @@ def pairwise_distance(
         metric=metric,
         coordinate_order=coordinate_order,
     )
+
+
+#: Semi-major axis of the WGS 84 ellipsoid in metres, the scale of EPSG:4087.
+WGS84_SEMI_MAJOR_AXIS_M = 6378137.0
+# Largest |x| and |y| of EPSG:4087: half the equator and a quarter meridian at that scale.
+_EPSG4087_MAX_X = math.pi * WGS84_SEMI_MAJOR_AXIS_M
+_EPSG4087_MAX_Y = math.pi / 2 * WGS84_SEMI_MAJOR_AXIS_M
+
+
+def lonlat_to_epsg4087(
+    coordinates: Tensor,
+    *,
+    coordinate_order: str = "lonlat",
+    distance_norm_factor: float = 1.0,
+) -> Tensor:
+    """Project degrees to EPSG:4087 (WGS 84 / World Equidistant Cylindrical) ``(x, y)``.
+
+    ``x = a * lon`` and ``y = a * lat`` with the angles in radians and ``a`` the WGS 84
+    semi-major axis, as PROJ computes EPSG:4087 (for example through pyproj with
+    ``always_xy=True``). The result is divided by ``distance_norm_factor``: GeoLM feeds its
+    model EPSG:4087 metres divided by 100.
+
+    Args:
+        coordinates: ``(N, 2)`` degrees in ``coordinate_order``.
+        distance_norm_factor: metres per output unit. Default: 1 (metres).
+
+    Returns:
+        ``(N, 2)`` float64 ``(x, y)``, ``x`` east and ``y`` north.
+    """
+    coordinates = validate_coordinates(coordinates, coordinate_order=coordinate_order)
+    factor = _check_norm_factor(distance_norm_factor)
+    latlon = to_latlon(coordinates, coordinate_order)
+    xy = torch.deg2rad(latlon.flip(1)) * WGS84_SEMI_MAJOR_AXIS_M
+    return xy / factor
+
+
+def epsg4087_to_lonlat(
+    xy: Tensor,
+    *,
+    distance_norm_factor: float = 1.0,
+    coordinate_order: str = "lonlat",
+) -> Tensor:
+    """Convert EPSG:4087 ``(x, y)`` back to degrees, the inverse of :func:`lonlat_to_epsg4087`.
+
+    Use it to compute haversine distances (and radii in km) from coordinates that a pipeline
+    keeps in projected units.
+
+    Args:
+        xy: ``(N, 2)`` ``(x, y)`` in units of ``distance_norm_factor`` metres.
+        distance_norm_factor: metres per input unit, e.g. 100 for GeoLM's model inputs.
+            Default: 1 (metres).
+        coordinate_order: column order of the result. Default: ``"lonlat"``.
+
+    Returns:
+        ``(N, 2)`` float64 degrees in ``coordinate_order``.
+
+    Raises:
+        ValueError: if a point lies outside EPSG:4087's extent (``|x| <= pi * a``,
+            ``|y| <= pi / 2 * a``), which usually means a wrong ``distance_norm_factor``.
+    """
+    xy = validate_coordinates(xy, metric="euclidean", name="xy")
+    check_coordinate_order(coordinate_order)
+    metres = xy * _check_norm_factor(distance_norm_factor)
+    # A little slack keeps points on the edge, which rounding can push just outside it.
+    outside = (metres[:, 0].abs() > _EPSG4087_MAX_X * (1 + 1e-9)) | (
+        metres[:, 1].abs() > _EPSG4087_MAX_Y * (1 + 1e-9)
+    )
+    if bool(outside.any()):
+        row = _first_bad_row(outside)
+        raise ValueError(
+            f"xy row {row} is {metres[row].tolist()} m after multiplying by "
+            f"distance_norm_factor={distance_norm_factor}, outside EPSG:4087's extent "
+            f"(|x| <= {_EPSG4087_MAX_X:.0f}, |y| <= {_EPSG4087_MAX_Y:.0f} m); check the "
+            "factor (GeoLM's model inputs use 100) and that the columns are (x, y)"
+        )
+    lonlat = torch.rad2deg(metres / WGS84_SEMI_MAJOR_AXIS_M)
+    return lonlat if coordinate_order == "lonlat" else lonlat.flip(1)
+
+
+def _check_norm_factor(distance_norm_factor: float) -> float:
+    if (
+        isinstance(distance_norm_factor, bool)
+        or not isinstance(distance_norm_factor, (int, float))
+        or not math.isfinite(distance_norm_factor)
+        or distance_norm_factor <= 0
+    ):
+        raise ValueError(
+            f"distance_norm_factor must be a finite number > 0 (metres per unit), "
+            f"got {distance_norm_factor!r}"
+        )
+    return float(distance_norm_factor)

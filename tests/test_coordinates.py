@@ -1,11 +1,13 @@
 import math
 
 import numpy as np
+import pyproj
 import pytest
 import reference
 import torch
 from sklearn.metrics.pairwise import haversine_distances
 
+import annloss
 from annloss import EARTH_RADIUS_KM, haversine_km, pairwise_distance, validate_coordinates
 
 
@@ -82,8 +84,14 @@ def test_euclidean_in_projected_units():
 def reference_points():
     # Spans the antimeridian, both poles' neighbourhoods and the equator.
     return lonlat(
-        [179.9, 10.0], [-179.9, 10.0], [0.0, 89.99], [120.0, 89.99],
-        [0.0, -89.5], [-0.1278, 51.5074], [139.69, 35.69], [-58.38, -34.60],
+        [179.9, 10.0],
+        [-179.9, 10.0],
+        [0.0, 89.99],
+        [120.0, 89.99],
+        [0.0, -89.5],
+        [-0.1278, 51.5074],
+        [139.69, 35.69],
+        [-58.38, -34.60],
     )
 
 
@@ -140,3 +148,74 @@ def test_unknown_order_and_metric_raise():
         validate_coordinates(lonlat([0.0, 0.0]), coordinate_order="xy")
     with pytest.raises(ValueError, match=r"metric must be 'haversine' or 'euclidean'"):
         validate_coordinates(lonlat([0.0, 0.0]), metric="manhattan")
+
+
+# EPSG:4087 coordinates of known places, computed by PROJ through pyproj 3.7.2
+# (Transformer.from_crs("EPSG:4326", "EPSG:4087", always_xy=True)).
+EPSG4087_POINTS = [
+    ((0.0, 0.0), (0.0, 0.0)),
+    ((180.0, 0.0), (20037508.342789244, 0.0)),
+    ((0.0, 45.0), (0.0, 5009377.085697311)),
+    ((0.0, 90.0), (0.0, 10018754.171394622)),
+    ((2.3522, 48.8566), (261845.70624393807, 5438691.8338906495)),  # Paris
+    ((-74.006, 40.7128), (-8238310.235647004, 4532128.1647683885)),  # New York
+]
+
+
+@pytest.mark.parametrize(("lonlat", "expected"), EPSG4087_POINTS)
+def test_epsg4087_projection_of_known_points(lonlat, expected):
+    xy = annloss.lonlat_to_epsg4087(torch.tensor([lonlat], dtype=torch.float64))
+    torch.testing.assert_close(
+        xy[0], torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-6
+    )
+    back = annloss.epsg4087_to_lonlat(torch.tensor([expected], dtype=torch.float64))
+    torch.testing.assert_close(
+        back[0], torch.tensor(lonlat, dtype=torch.float64), rtol=0, atol=1e-9
+    )
+
+
+def test_epsg4087_matches_pyproj_on_random_points():
+    generator = torch.Generator().manual_seed(0)
+    lonlat = torch.rand(1000, 2, generator=generator, dtype=torch.float64)
+    lonlat = lonlat * torch.tensor([360.0, 180.0], dtype=torch.float64) - torch.tensor(
+        [180.0, 90.0]
+    )
+    transformer = pyproj.Transformer.from_crs("EPSG:4326", "EPSG:4087", always_xy=True)
+    x, y = transformer.transform(lonlat[:, 0].numpy(), lonlat[:, 1].numpy())
+    expected = torch.stack([torch.from_numpy(x), torch.from_numpy(y)], dim=1)
+    torch.testing.assert_close(annloss.lonlat_to_epsg4087(lonlat), expected, rtol=0, atol=1e-6)
+
+
+def test_epsg4087_norm_factor_and_latlon_order():
+    paris_latlon = torch.tensor([[48.8566, 2.3522]], dtype=torch.float64)
+    xy = annloss.lonlat_to_epsg4087(
+        paris_latlon, coordinate_order="latlon", distance_norm_factor=100
+    )
+    expected = torch.tensor([[2618.4570624393807, 54386.918338906495]], dtype=torch.float64)
+    torch.testing.assert_close(xy, expected, rtol=0, atol=1e-8)
+    back = annloss.epsg4087_to_lonlat(xy, distance_norm_factor=100, coordinate_order="latlon")
+    torch.testing.assert_close(back, paris_latlon, rtol=0, atol=1e-9)
+
+
+def test_epsg4087_round_trip_keeps_haversine_distances():
+    lonlat = torch.tensor([[13.405, 52.52], [2.3522, 48.8566]], dtype=torch.float64)
+    back = annloss.epsg4087_to_lonlat(
+        annloss.lonlat_to_epsg4087(lonlat, distance_norm_factor=100), distance_norm_factor=100
+    )
+    # Berlin to Paris, about 878 km.
+    distance = annloss.haversine_km(back[:1], back[1:], coordinate_order="lonlat")
+    assert 870 < float(distance) < 885
+    torch.testing.assert_close(back, lonlat, rtol=0, atol=1e-9)
+
+
+def test_epsg4087_rejects_points_outside_the_extent():
+    # Metres passed as if they were GeoLM's hundreds of metres.
+    xy = torch.tensor([[261845.7, 5438691.8]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="distance_norm_factor=100, outside EPSG:4087's extent"):
+        annloss.epsg4087_to_lonlat(xy, distance_norm_factor=100)
+
+
+@pytest.mark.parametrize("factor", [0, -1.0, float("nan"), True])
+def test_epsg4087_rejects_invalid_norm_factor(factor):
+    with pytest.raises(ValueError, match="distance_norm_factor must be a finite number > 0"):
+        annloss.lonlat_to_epsg4087(torch.zeros(1, 2), distance_norm_factor=factor)
