@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -62,3 +63,41 @@ def test_distributed_example_trains_on_two_ranks_and_resumes(tmp_path, extra):
             "checkpoint.rank0.pt",
             "checkpoint.rank1.pt",
         ]
+
+
+def run_geolm_loop(checkpoint: Path, steps: int) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        str(EXAMPLES / "geolm_loop.py"),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "16",
+        "--save-every",
+        "3",
+        "--checkpoint",
+        str(checkpoint),
+        "--device",
+        "cpu",
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_geolm_loop_sums_three_losses_and_resumes(tmp_path):
+    checkpoint = tmp_path / "geolm.pt"
+    first = run_geolm_loop(checkpoint, steps=3)
+    assert first.returncode == 0, first.stderr
+    assert "step 3: mlm" in first.stdout
+    assert "bank 48 entries" in first.stdout  # 3 steps of 16 places
+
+    state = torch.load(checkpoint, weights_only=True)
+    assert set(state) == {"model", "optimizer", "scaler", "spatial_loss", "step"}
+    assert state["step"] == 3
+    # The bank of [geo, text] embeddings: 128 + 128 wide with the example's default model.
+    assert tuple(state["spatial_loss"]["bank.embeddings"].shape) == (16384, 256)
+    assert int(state["spatial_loss"]["bank.size"]) == 48
+
+    second = run_geolm_loop(checkpoint, steps=4)
+    assert second.returncode == 0, second.stderr
+    assert "resumed at step 3 with 48 bank entries" in second.stdout
+    assert "step 4: mlm" in second.stdout and "bank 64 entries" in second.stdout
