@@ -8,11 +8,11 @@ downloads:
   pivot place, in hundreds of metres (GeoLM's ``distance_norm_factor`` of 100).
 - Inputs from GeoNames: a geo pseudo-sentence per place (``[CLS] pivot [SEP] neighbour [SEP]
   ...``, nearest first) and a text sentence naming the same place.
-- Three losses summed into one backward pass and one optimiser step: masked-language modelling
-  on the pseudo-sentence, pytorch-metric-learning's ``NTXentLoss`` between the geo and text
-  entity embeddings (mean of the last layer over the entity's tokens), and
-  ``MemoryBankSpatialLoss`` on the concatenated ``[geo, text]`` embedding with the pivot's
-  ``[lng, lat]`` degrees.
+- Three losses summed into one backward pass and one optimiser step. The first is masked-language
+  modelling on the pseudo-sentence. The second is pytorch-metric-learning's ``NTXentLoss``
+  between the geo and text entity embeddings (mean of the last layer over the entity's tokens).
+  The third is ``MemoryBankSpatialLoss`` on the concatenated ``[geo, text]`` embedding with the
+  pivot's ``[lng, lat]`` degrees.
 - fp16 autocast and a gradient scaler on CUDA; the bank saved in the checkpoint with the model,
   the optimiser and the scaler, and resumed from it.
 
@@ -273,7 +273,7 @@ def main() -> None:
         range(start, arguments.steps), desc="GeoLM joint step", initial=start, total=arguments.steps
     )
     for step in progress:
-        generator = torch.Generator().manual_seed(step)  # a resumed run sees the same batches
+        generator = torch.Generator().manual_seed(step)  # a resumed run gets the same batches
         places = torch.randint(len(table), (arguments.batch_size,), generator=generator).numpy()
         batch = batches(places, device)
         masked_ids, mlm_labels = mask_tokens(batch["geo_ids"], tokenizer, generator)
