@@ -9,7 +9,8 @@ downloads:
 - Inputs from GeoNames: a geo pseudo-sentence per place (``[CLS] pivot [SEP] neighbour [SEP]
   ...``, nearest first) and a text sentence naming the same place.
 - Three losses summed into one backward pass and one optimiser step. The first is masked-language
-  modelling on the pseudo-sentence. The second is pytorch-metric-learning's ``NTXentLoss``
+  modelling on the pseudo-sentence (GeoLM masks the text followed by the pseudo-sentence; the
+  pseudo-sentence alone keeps this example short). The second is pytorch-metric-learning's ``NTXentLoss``
   between the geo and text entity embeddings (mean of the last layer over the entity's tokens).
   The third is ``MemoryBankSpatialLoss`` on the concatenated ``[geo, text]`` embedding with the
   pivot's ``[lng, lat]`` degrees.
