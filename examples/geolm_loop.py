@@ -247,6 +247,7 @@ def main() -> None:
         len(tokenizer), arguments.hidden_size, arguments.layers, arguments.max_length
     ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # NOTE: the fp16 autocast path has not run on a GPU yet; the tests run this loop on the CPU.
     use_fp16 = device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
     # GeoLM's geo-text contrastive loss. Row i of the geo and the text half share label i.
