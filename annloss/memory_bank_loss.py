@@ -737,8 +737,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         """Send each rank the shard rows its anchors selected; return this rank's.
 
         Every rank has the same merged ``(N, C)`` global ``slots``, so each computes what to
-        send and how many rows to expect from each shard. Rows travel in one float64 tensor
-        per pair of ranks, in row-major order of the anchors' selections.
+        send and how many rows to expect from each shard. Each distinct slot travels once per
+        pair of ranks, embeddings in the bank dtype and coordinates in float64.
 
         Returns:
             ``(embeddings (B, C, D), coordinates (B, C, 2))`` of this rank's anchors, in the
@@ -747,45 +747,52 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         started = time.perf_counter()
         capacity = self.bank.capacity
         rank = int(self.shard_rank)
-        width = self.bank.embedding_dim
         owner = torch.where(slots >= 0, slots // capacity, -1)
         bounds = [0]
         for size in sizes:
             bounds.append(bounds[-1] + size)
-        send = []
-        for destination in range(len(sizes)):
-            block = slice(bounds[destination], bounds[destination + 1])
-            mine = owner[block] == rank
-            local_slots = slots[block][mine] - rank * capacity
-            send.append(
-                torch.cat(
-                    [
-                        self.bank.embeddings[local_slots].to(torch.float64),
-                        self.bank.coordinates[local_slots],
-                    ],
-                    dim=1,
-                )
+
+        def distinct_slots(block: slice, source: int) -> Tensor:
+            # Sorted, so sender and receiver list the rows in the same order.
+            return torch.unique(slots[block][owner[block] == source])
+
+        send = [
+            distinct_slots(slice(bounds[d], bounds[d + 1]), rank) - rank * capacity
+            for d in range(len(sizes))
+        ]
+        local = slice(bounds[rank], bounds[rank + 1])
+        expected = [distinct_slots(local, source) for source in range(len(sizes))]
+        receive_sizes = [len(entries) for entries in expected]
+        send_sizes = [len(entries) for entries in send]
+        received = []
+        for table in (self.bank.embeddings, self.bank.coordinates):
+            output = table.new_empty(sum(receive_sizes), table.shape[1])
+            # Gloo's list all_to_all needs equal sizes; the single-tensor form takes splits.
+            torch.distributed.all_to_all_single(
+                output,
+                table[torch.cat(send)],
+                output_split_sizes=receive_sizes,
+                input_split_sizes=send_sizes,
+                group=self.process_group,
             )
-        local_owner = owner[bounds[rank] : bounds[rank + 1]]
-        receive_sizes = [int((local_owner == source).sum()) for source in range(len(sizes))]
-        received = send[0].new_empty(sum(receive_sizes), send[0].shape[1])
-        # Gloo's list all_to_all needs equal sizes; the single-tensor form takes splits.
-        torch.distributed.all_to_all_single(
-            received,
-            torch.cat(send),
-            output_split_sizes=receive_sizes,
-            input_split_sizes=[len(rows) for rows in send],
-            group=self.process_group,
-        )
-        receive = received.split(receive_sizes)
-        embeddings = self.bank.embeddings.new_zeros(*local_owner.shape, width)
+            received.append(output)
+
+        # Position of every selected slot in the received rows: the sources' blocks follow
+        # each other, each sorted by slot.
+        local_slots = slots[local]
+        row = torch.zeros_like(local_slots)
+        start = 0
+        for source, entries in enumerate(expected):
+            chosen = owner[local] == source
+            row[chosen] = start + torch.searchsorted(entries, local_slots[chosen])
+            start += len(entries)
+        filled = local_slots >= 0
+        embeddings = self.bank.embeddings.new_zeros(*local_slots.shape, self.bank.embedding_dim)
         coordinates = self.bank.coordinates.new_zeros(
-            *local_owner.shape, self.bank.coordinates.shape[1]
+            *local_slots.shape, self.bank.coordinates.shape[1]
         )
-        for source, rows in enumerate(receive):
-            chosen = local_owner == source
-            embeddings[chosen] = rows[:, :width].to(embeddings.dtype)
-            coordinates[chosen] = rows[:, width:]
+        embeddings[filled] = received[0][row[filled]]
+        coordinates[filled] = received[1][row[filled]]
         self._communication_time_s += time.perf_counter() - started
         return embeddings, coordinates
 
