@@ -353,6 +353,8 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         self._tree_state = (0, 0, 0)
         self._index_build_time_s = 0.0
         self._communication_time_s = 0.0
+        # (B, S * K) index scores of the last _mine_negatives call's slots, -inf where empty.
+        self._last_negative_scores = torch.empty(0)
         # Bank entries when the index was last built.
         self._index_build_size = 0
         # A loaded state replaces the bank, so the snapshot must be rebuilt.
@@ -711,15 +713,17 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             negative_slots, num_filtered = self._mine_negatives(
                 unit, coordinates, ids, len(self.bank), negative_radius
             )
+            # The index's own scores rank the merged candidates, as one bank's search does.
+            keys = -self._last_negative_scores.to(torch.float64)
         else:
             negative_slots = torch.full(
                 (num_anchors, num_scales * k), -1, dtype=torch.int64, device=unit.device
             )
+            keys = torch.full(
+                negative_slots.shape, math.inf, dtype=torch.float64, device=unit.device
+            )
             num_filtered = 0
         filled = negative_slots >= 0
-        rows = self.bank.embeddings[negative_slots.clamp_min(0)].to(torch.float64)
-        similarity = torch.einsum("nd,nkd->nk", unit.to(torch.float64), rows)
-        keys = torch.where(filled, -similarity, math.inf)
         offset = int(self.shard_rank) * self.bank.capacity
         negative_slots = torch.where(filled, negative_slots + offset, -1)
         # One merge per scale: rows of (anchor, scale), K candidates each.
@@ -786,15 +790,12 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             chosen = owner[local] == source
             row[chosen] = start + torch.searchsorted(entries, local_slots[chosen])
             start += len(entries)
-        filled = local_slots >= 0
-        embeddings = self.bank.embeddings.new_zeros(*local_slots.shape, self.bank.embedding_dim)
-        coordinates = self.bank.coordinates.new_zeros(
-            *local_slots.shape, self.bank.coordinates.shape[1]
-        )
-        embeddings[filled] = received[0][row[filled]]
-        coordinates[filled] = received[1][row[filled]]
+        if start == 0:
+            # Nothing was selected: one zero row stands in for the empty slots.
+            received = [table.new_zeros(1, table.shape[1]) for table in received]
+        # Empty slots point at row 0; the loss masks them out.
         self._communication_time_s += time.perf_counter() - started
-        return embeddings, coordinates
+        return received[0][row], received[1][row]
 
     def _load_from_state_dict(
         self,
@@ -1196,13 +1197,16 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         num_scales = negative_radius.shape[0]
         k = self.num_negatives
         result = torch.full((num_scales, batch_size, k), -1, dtype=torch.int64, device=unit.device)
+        result_scores = torch.full(
+            (num_scales, batch_size, k), -math.inf, dtype=torch.float32, device=unit.device
+        )
         pending = torch.ones(num_scales, batch_size, dtype=torch.bool, device=unit.device)
         rows = torch.arange(batch_size, device=unit.device)
         fetch = min(snapshot_rows, self.k_fetch)
         num_filtered = 0
 
         while rows.numel() > 0:
-            _, slots = index.search(unit[rows], fetch)
+            scores, slots = index.search(unit[rows], fetch)
             found = slots >= 0
             slots = slots.clamp_min(0)
             distance = paired_distance(
@@ -1241,11 +1245,13 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
                 keep = selected & done[:, None]
                 row_index = rows[:, None].expand_as(slots)[keep]
                 result[scale, row_index, (rank - 1)[keep]] = slots[keep]
+                result_scores[scale, row_index, (rank - 1)[keep]] = scores[keep].float()
                 pending[scale, rows[done]] = False
 
             rows = rows[pending[:, rows].any(dim=0)]
             fetch = min(snapshot_rows, fetch * 4)
 
+        self._last_negative_scores = result_scores.permute(1, 0, 2).reshape(batch_size, -1)
         return result.permute(1, 0, 2).reshape(batch_size, num_scales * k), num_filtered
 
     def extra_repr(self) -> str:
