@@ -198,8 +198,8 @@ class GeoNamesBatches:
             "text_mask": text["attention_mask"],
             "text_spans": text_spans,
             # The pivot's [lng, lat] degrees and GeoNames id, for the spatial loss.
-            "lonlat": torch.from_numpy(self.table.coordinates[places]),
-            "ids": torch.from_numpy(self.table.ids[places]),
+            "pivot_lnglat": torch.from_numpy(self.table.coordinates[places]),
+            "entity_id": torch.from_numpy(self.table.ids[places]),
         }
         return {name: value.to(device) for name, value in batch.items()}
 
@@ -303,7 +303,9 @@ def main() -> None:
             labels = torch.arange(len(places), device=device).repeat(2)
             contrastive = geo_text_loss(torch.cat([geo, text]), labels)
         # The spatial loss scores half-precision embeddings in float32 by itself.
-        spatial = spatial_loss(torch.cat([geo, text], dim=1), batch["lonlat"], batch["ids"])
+        spatial = spatial_loss(
+            torch.cat([geo, text], dim=1), batch["pivot_lnglat"], batch["entity_id"]
+        )
         loss = mlm_loss + contrastive + arguments.spatial_weight * spatial
 
         optimizer.zero_grad(set_to_none=True)
