@@ -3,7 +3,7 @@
 Every function takes the process group to use (``None`` means the default group) and must be
 called by every rank of that group in the same order, as any collective.
 
-NOTE: the tests run these collectives with gloo on CPU tensors; the NCCL path for CUDA tensors
+NOTE: the tests run these collectives with gloo on CPU tensors. The NCCL path for CUDA tensors
 uses the same calls but has not run on GPUs yet.
 """
 

@@ -83,8 +83,8 @@ def main() -> None:
         num_negatives=32,
         shard=arguments.shard,
     ).to(device)
-    # A shared bank is the same on every rank and travels in rank 0's checkpoint; each shard
-    # of a sharded bank is saved by its own rank.
+    # A shared bank is the same on every rank, so it travels in rank 0's checkpoint. Each
+    # shard of a sharded bank is saved by its own rank.
     shard_path = arguments.checkpoint.with_suffix(f".rank{rank}.pt")
 
     start = 0
@@ -100,8 +100,8 @@ def main() -> None:
         if rank == 0:
             print(f"resumed at step {start} with {criterion.bank_size} bank entries")
 
-    # Each rank draws its own batches; the seed depends on the step so a resumed run sees the
-    # batches the uninterrupted run would have seen.
+    # Each rank draws its own batches. The seed depends on the step, so a resumed run gets the
+    # batches that the uninterrupted run would have drawn.
     communication, step_time = [], []
     for step in range(start, arguments.steps):
         generator = torch.Generator().manual_seed(world_size * step + rank)
