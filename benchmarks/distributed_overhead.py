@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from step_time import geographic_embeddings, load_lonlat
 
 import annloss
-from step_time import geographic_embeddings, load_lonlat
 
 
 def build(args: argparse.Namespace, shard: bool) -> annloss.MemoryBankSpatialLoss:
