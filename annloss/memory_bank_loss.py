@@ -791,7 +791,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
             row[chosen] = start + torch.searchsorted(entries, local_slots[chosen])
             start += len(entries)
         if start == 0:
-            # Nothing was selected: one zero row stands in for the empty slots.
+            # Nothing was selected, so one zero row serves the empty slots.
             received = [table.new_zeros(1, table.shape[1]) for table in received]
         # Empty slots point at row 0; the loss masks them out.
         self._communication_time_s += time.perf_counter() - started
@@ -884,7 +884,7 @@ class MemoryBankSpatialLoss(_SpatialPairLoss):
         ``references`` are the ``N`` batch rows (``N > B`` under torch.distributed), and
         ``batch_distance`` and ``self_pairs`` are ``(B, N)``. ``bank_rows`` contains the
         embeddings ``(B, C, D)`` and coordinates ``(B, C, 2)`` of ``slots`` when they come from
-        other ranks' shards; by default they are read from this rank's bank.
+        other ranks' shards. By default they are read from this rank's bank.
 
         Returns:
             ``(similarity, spatial_distance, excluded)``: cosine similarities, spatial distances
